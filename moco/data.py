@@ -1,0 +1,88 @@
+"""Unlabeled images for pretraining, and a sampler that makes every random choice a function of the seed.
+
+The course ships ``unlabeled_224.sqsh``; ``unsquashfs -d train unlabeled_224.sqsh`` leaves the images in
+``train/unlabeled/N.PNG``. Any of ``train/``, ``train/unlabeled/`` or a flat folder of images is accepted.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def find_unlabeled_images(data_dir: str | Path) -> list[Path]:
+    """The images of ``data_dir``, ``data_dir/unlabeled`` or ``data_dir/train/unlabeled``, numerically ordered."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such directory (expected the unsquashed unlabeled images)")
+    candidates = [data_dir, data_dir / "unlabeled", data_dir / "train" / "unlabeled"]
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+        if names:
+            names.sort(key=lambda n: (0, int(n.split(".")[0]), n) if n.split(".")[0].isdigit() else (1, 0, n))
+            return [folder / n for n in names]
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"{data_dir}: no .PNG/.JPEG images found (looked in {looked})")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch, sample): augmentations do not depend on worker layout."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) & ((1 << 63) - 1)
+
+
+class UnlabeledImages(Dataset):
+    """Indexed by ``(epoch, index)`` (see ``EpochSampler``); returns ``transform(image)``."""
+
+    def __init__(self, paths: list[Path], transform, seed: int = 0):
+        self.paths, self.transform, self.seed = paths, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{path}: cannot read image: {exc}") from exc
+        # torchvision's transforms draw from torch's global RNG; fork it so the caller's stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image)
+
+
+class EpochSampler(Sampler):
+    """This rank's share of a seeded per-epoch permutation, as ``(epoch, index)`` keys.
+
+    Every rank gets the same number of samples (the tail that does not divide is dropped), so DDP ranks run
+    the same number of steps. The epoch travels with each key, so persistent workers need no notification.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.size, self.rank, self.world_size, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        order = order[: len(self) * self.world_size][self.rank :: self.world_size]
+        return iter([(self.epoch, int(i)) for i in order])

@@ -1,0 +1,46 @@
+"""Logging for every module: one configuration, rank-aware, to stdout and a file in the run directory."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+_FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> None:
+    """Rank 0 logs INFO; other ranks only warnings, so a multi-GPU log reads like a single-process one."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None and rank == 0:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler.addFilter(_RankFilter(rank))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def append_metrics(path: str | Path, record: dict) -> None:
+    """One JSON object per line: what tests, plots and humans read after a run."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,258 @@
+"""MoCo v1/v2 pretraining of a torchvision ResNet on unlabeled images.
+
+    python -m moco.train DATA_DIR [flags]
+
+Flags follow facebookresearch/moco's main_moco.py, defaults included (MoCo v1); MoCo v2 is
+``--mlp --moco-t 0.2 --aug-plus --cos``. The original project's recipe: ``-a resnet50 --lr 0.015
+--batch-size 128 --epochs 100 --mlp --moco-t 0.2 --aug-plus --cos`` on 4 GPUs.
+
+Differences from main_moco.py:
+- No --dist-url/--world-size/--rank/--multiprocessing-distributed: the launch (torchrun, Slurm srun, or a
+  plain process) is detected, one process per GPU (see moco.distributed).
+- --batch-size is the total over all processes; K must be a multiple of it.
+- Re-running the same command with the same --output-dir resumes from checkpoint_last.pth.tar, schedule
+  included; --resume PATH starts from a given checkpoint instead.
+- In a single process, batch-norm statistics are computed per sub-batch (--bn-splits) and keys are shuffled
+  among sub-batches: shuffle-BN's guard against the batch-statistics shortcut, without a second GPU.
+- Mixed precision (--precision), channels_last, device-side normalisation; --image-size for tiny runs;
+  a kNN probe on labeled object crops every --probe-freq epochs (--probe-data).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tv_models
+from torch.utils.data import DataLoader
+
+from . import checkpoint
+from .augment import Normalize, TwoCropsTransform, moco_augmentation
+from .batchnorm import convert_split_batchnorm
+from .builder import MoCo
+from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
+from .distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from .logger import append_metrics, get_logger, setup_logging
+from .precision import autocast_dtype
+from .probe import KnnProbe
+
+log = get_logger("moco.train")
+
+ARCHS = sorted(
+    name for name in tv_models.list_models(module=tv_models) if name.startswith(("resnet", "resnext", "wide_resnet"))
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DATA_DIR", help="unlabeled images: train/, train/unlabeled/ or a flat folder")
+    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("-j", "--workers", default=4, type=int, help="data-loading workers per process")
+    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("-b", "--batch-size", default=256, type=int, help="total over all processes")
+    p.add_argument("--lr", "--learning-rate", default=0.03, type=float, dest="lr")
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 at these epochs (without --cos)")
+    p.add_argument("--momentum", default=0.9, type=float)
+    p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
+    p.add_argument("-p", "--print-freq", default=10, type=int, help="log every N steps")
+    p.add_argument("--resume", default="", type=str, help="start from this checkpoint instead of the run's last")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--moco-dim", default=128, type=int)
+    p.add_argument("--moco-k", default=65536, type=int, help="queue size: negatives per query")
+    p.add_argument("--moco-m", default=0.999, type=float, help="key-encoder momentum")
+    p.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
+    p.add_argument("--mlp", action="store_true", help="2-layer MLP head (MoCo v2)")
+    p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation, with blur")
+    p.add_argument("--cos", action="store_true", help="cosine learning-rate schedule")
+    # Added by this project.
+    p.add_argument("--output-dir", default="runs/moco", help="checkpoints, log and metrics.jsonl go here")
+    p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast dtype; auto: bf16 where native (Ampere+, AVX-512 BF16 CPUs), fp16 on older GPUs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations; default: on with CUDA or bf16, off for fp32 on CPU, where it is slower")
+    p.add_argument("--bn-splits", default=8, type=int,
+                   help="BN sub-batches in a single process (shuffle-BN stand-in); ignored under DDP; 1 disables")
+    p.add_argument("--save-freq", default=10, type=int, help="keep checkpoint_NNNN every N epochs (last one always)")
+    p.add_argument("--probe-data", default="", help="labeled root (<root>/training, <root>/validation) for the kNN probe")
+    p.add_argument("--probe-freq", default=10, type=int, help="kNN probe every N epochs (0: never)")
+    p.add_argument("--probe-k", default=20, type=int)
+    p.add_argument("--probe-max-images", default=2000, type=int, help="labeled images per split used by the probe")
+    return p
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    if args.batch_size % world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {world_size} processes")
+    if args.moco_k % args.batch_size:
+        raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size}: "
+                         f"each step enqueues a whole batch of keys (try --moco-k "
+                         f"{args.moco_k // args.batch_size * args.batch_size or args.batch_size})")
+    per_rank = args.batch_size // world_size
+    if world_size == 1 and args.bn_splits > 1 and per_rank % args.bn_splits:
+        raise SystemExit(f"--batch-size {per_rank} must be a multiple of --bn-splits {args.bn_splits}")
+
+
+def learning_rate(epoch: int, args: argparse.Namespace) -> float:
+    if args.cos:
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+
+
+def state_dict_with_prefix(model: nn.Module) -> dict:
+    """facebookresearch/moco's layout (``module.encoder_q.*``) whether or not DDP wraps the model."""
+    return {f"module.{k}": v for k, v in model.state_dict().items()}
+
+
+def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
+    model = MoCo(tv_models.get_model_builder(args.arch), args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp)
+    if world_size == 1 and args.bn_splits > 1:
+        convert_split_batchnorm(model, args.bn_splits)
+    return model
+
+
+def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device) -> dict:
+    model.train()
+    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for step, (im_q, im_k) in enumerate(loader):
+        im_q, im_k = normalize(im_q), normalize(im_k)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, labels = model(im_q, im_k)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = labels.shape[0]
+        loss_sum += loss.item() * n
+        correct += int((logits.argmax(1) == 0).sum())
+        seen += n
+        if args.print_freq and step % args.print_freq == 0:
+            log.info("epoch %d step %d/%d loss %.4f acc@1 %.1f%%", epoch, step, len(loader), loss.item(),
+                     100.0 * correct / seen)
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": all_reduce_mean(loss_sum / max(seen, 1), device),
+        "acc1": all_reduce_mean(100.0 * correct / max(seen, 1), device),
+        "images_per_s": all_reduce_mean(seen / elapsed, device) * (torch.distributed.get_world_size()
+                                                                   if torch.distributed.is_initialized() else 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> MoCo:
+    args = get_parser().parse_args(argv)
+    env = init_distributed()
+    output_dir = Path(args.output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(env.rank, output_dir / "train.log")
+    try:
+        return _train(args, env, output_dir)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
+    validate_args(args, env.world_size)
+    device = env.device
+    amp_dtype = autocast_dtype(device, args.precision)
+    channels_last = args.channels_last if args.channels_last is not None else (
+        device.type == "cuda" or amp_dtype is not None)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    log.info("launch %s: rank %d of %d on %s, precision %s, %s", env.launcher, env.rank, env.world_size, device,
+             amp_dtype or "fp32", "channels_last" if channels_last else "contiguous")
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args, env.world_size).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    start_epoch, resume_from = 0, Path(args.resume) if args.resume else output_dir / checkpoint.LAST
+    if args.resume or resume_from.is_file():
+        ckpt = checkpoint.load(resume_from)
+        if ckpt.get("arch") != args.arch:
+            raise SystemExit(f"{resume_from}: checkpoint is {ckpt.get('arch')!r}, this run is -a {args.arch}")
+        try:
+            model.load_state_dict(checkpoint.strip_prefix(ckpt["state_dict"]))
+        except RuntimeError as exc:
+            raise SystemExit(f"{resume_from}: does not fit this model (check --moco-k/--moco-dim/--mlp): {exc}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+        log.info("resumed from %s at epoch %d of %d", resume_from, start_epoch, args.epochs)
+
+    ddp_model = model
+    if env.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    paths = find_unlabeled_images(args.data)
+    per_rank_batch = args.batch_size // env.world_size
+    if len(paths) // env.world_size < per_rank_batch:
+        raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
+    dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed)
+    sampler = EpochSampler(len(dataset), env.rank, env.world_size, args.seed)
+    loader = DataLoader(
+        dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )
+    normalize = Normalize(memory_format=memory_format).to(device)
+    log.info("%d images in %s; %d steps an epoch of %d images", len(paths), paths[0].parent, len(loader),
+             args.batch_size)
+
+    probe = None
+    if args.probe_data and args.probe_freq > 0 and env.is_main:
+        probe = KnnProbe(args.probe_data, args.image_size, device, args.probe_k, args.probe_max_images, amp_dtype)
+        log.info("kNN probe: %d training crops, %d validation crops, %d classes", len(probe.train_labels),
+                 len(probe.val_labels), probe.num_classes)
+        if start_epoch == 0:
+            top1 = probe(model.encoder_q)
+            log.info("kNN top-1 at initialisation: %.2f%%", 100 * top1)
+            append_metrics(output_dir / "metrics.jsonl", {"epoch": 0, "knn_top1": top1})
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        model.shuffle_generator.manual_seed(args.seed * 100_003 + epoch)
+        lr = learning_rate(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device)
+        done = epoch + 1
+        record = {"epoch": done, "lr": lr, **stats}
+        if probe is not None and (done % args.probe_freq == 0 or done == args.epochs):
+            record["knn_top1"] = probe(model.encoder_q)
+        if env.is_main:
+            state = {
+                "epoch": done,
+                "arch": args.arch,
+                "state_dict": state_dict_with_prefix(model),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "args": {k: v for k, v in vars(args).items()},
+            }
+            checkpoint.save_atomic(state, output_dir / checkpoint.LAST)
+            if done % args.save_freq == 0 or done == args.epochs:
+                checkpoint.save_atomic(state, output_dir / checkpoint.numbered_name(done))
+            append_metrics(output_dir / "metrics.jsonl", record)
+        log.info("epoch %d/%d done: lr %.4g loss %.4f acc@1 %.1f%% %.1f img/s%s", done, args.epochs, lr,
+                 record["loss"], record["acc1"], record["images_per_s"],
+                 f" kNN top-1 {100 * record['knn_top1']:.2f}%" if "knn_top1" in record else "")
+        barrier()  # other ranks wait for rank 0's checkpoint before racing ahead
+    return model
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from moco.batchnorm import SplitBatchNorm2d, convert_split_batchnorm
+
+
+def test_training_statistics_are_per_sub_batch():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(3, num_splits=2)
+    # Two sub-batches with very different statistics: full-batch BN would mix them.
+    x = torch.cat([torch.randn(4, 3, 5, 5) * 2 + 5, torch.randn(4, 3, 5, 5) * 0.5 - 3])
+    y = bn(x)
+    for chunk_in, chunk_out in zip(x.chunk(2), y.chunk(2)):
+        mean = chunk_in.mean(dim=(0, 2, 3), keepdim=True)
+        var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        assert torch.allclose(chunk_out, (chunk_in - mean) / torch.sqrt(var + bn.eps), atol=1e-4)
+        # Each sub-batch is normalised on its own: zero mean, unit variance.
+        assert torch.allclose(chunk_out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    full = nn.BatchNorm2d(3)(x)
+    assert not torch.allclose(y, full, atol=1e-2)
+
+
+def test_running_statistics_average_the_sub_batches():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(2, num_splits=2, momentum=0.5)
+    x = torch.cat([torch.randn(3, 2, 4, 4) + 2, torch.randn(3, 2, 4, 4) - 4])
+    bn(x)
+    chunk_means = torch.stack([c.mean(dim=(0, 2, 3)) for c in x.chunk(2)])
+    chunk_vars = torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in x.chunk(2)])
+    assert torch.allclose(bn.running_mean, 0.5 * torch.zeros(2) + 0.5 * chunk_means.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.5 * torch.ones(2) + 0.5 * chunk_vars.mean(0), atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_gradients_flow_and_eval_uses_running_statistics():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(2, num_splits=2)
+    x = torch.randn(4, 2, 3, 3, requires_grad=True)
+    bn(x).square().sum().backward()
+    assert x.grad is not None and bn.weight.grad is not None
+    bn.eval()
+    plain = nn.BatchNorm2d(2)
+    plain.load_state_dict(bn.state_dict())
+    plain.eval()
+    assert torch.equal(bn(x), plain(x))
+
+
+def test_batch_must_split_evenly():
+    with pytest.raises(ValueError, match="does not split into 4"):
+        SplitBatchNorm2d(2, num_splits=4)(torch.randn(6, 2, 3, 3))
+
+
+def test_conversion_keeps_weights_and_checkpoint_keys():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=8)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    convert_split_batchnorm(model, 4)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SplitBatchNorm2d) and m.num_splits == 4 for m in bns)
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)

@@ -1,0 +1,49 @@
+import pickle
+
+import pytest
+import torch
+
+from moco import checkpoint
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pth.tar"
+    checkpoint.save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def explode(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"epoch": 2}, path)
+    assert checkpoint.load(path)["epoch"] == 1  # the previous checkpoint survived, intact
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth.tar"]  # no temporary left behind
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pth.tar"
+    with open(path, "wb") as f:
+        pickle.dump({"epoch": 1, "x": _Payload()}, f)
+    with pytest.raises(RuntimeError, match="evil.pth.tar: not a readable checkpoint"):
+        checkpoint.load(path)
+
+
+def test_truncated_or_missing_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pth.tar"
+    checkpoint.save_atomic({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="ckpt.pth.tar: not a readable checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(FileNotFoundError, match="absent.pth.tar: no such checkpoint"):
+        checkpoint.load(tmp_path / "absent.pth.tar")
+
+
+def test_names_and_prefix():
+    assert checkpoint.numbered_name(100) == "checkpoint_0100.pth.tar"
+    assert checkpoint.strip_prefix({"module.encoder_q.w": 1, "queue": 2}) == {"encoder_q.w": 1, "queue": 2}
