@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -117,7 +115,8 @@ def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
     return model
 
 
-def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device) -> dict:
+def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
+                    world_size: int) -> dict:
     model.train()
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     for step, (im_q, im_k) in enumerate(loader):
@@ -144,9 +143,15 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
     return {
         "loss": all_reduce_mean(loss_sum / max(seen, 1), device),
         "acc1": all_reduce_mean(100.0 * correct / max(seen, 1), device),
-        "images_per_s": all_reduce_mean(seen / elapsed, device) * (torch.distributed.get_world_size()
-                                                                   if torch.distributed.is_initialized() else 1),
+        "images_per_s": seen * world_size / elapsed,
     }
+
+
+@torch.no_grad()
+def key_spread(queue: torch.Tensor) -> float:
+    """Per-dimension std of the queued (unit) keys, times sqrt(dim): about 1 when keys spread over the sphere,
+    0 when they collapse to one point. Collapse leaves loss and accuracy plausible, so it is logged on its own."""
+    return float(queue.float().std(dim=1).mean() * queue.shape[0] ** 0.5)
 
 
 def main(argv: list[str] | None = None) -> MoCo:
@@ -229,9 +234,10 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         lr = learning_rate(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device)
+        stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
+                                env.world_size)
         done = epoch + 1
-        record = {"epoch": done, "lr": lr, **stats}
+        record = {"epoch": done, "lr": lr, **stats, "key_spread": key_spread(model.queue)}
         if probe is not None and (done % args.probe_freq == 0 or done == args.epochs):
             record["knn_top1"] = probe(model.encoder_q)
         if env.is_main:
@@ -247,12 +253,12 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             if done % args.save_freq == 0 or done == args.epochs:
                 checkpoint.save_atomic(state, output_dir / checkpoint.numbered_name(done))
             append_metrics(output_dir / "metrics.jsonl", record)
-        log.info("epoch %d/%d done: lr %.4g loss %.4f acc@1 %.1f%% %.1f img/s%s", done, args.epochs, lr,
-                 record["loss"], record["acc1"], record["images_per_s"],
+        log.info("epoch %d/%d done: lr %.4g loss %.4f acc@1 %.1f%% key spread %.2f %.1f img/s%s", done, args.epochs,
+                 lr, record["loss"], record["acc1"], record["key_spread"], record["images_per_s"],
                  f" kNN top-1 {100 * record['knn_top1']:.2f}%" if "knn_top1" in record else "")
         barrier()  # other ranks wait for rank 0's checkpoint before racing ahead
     return model
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

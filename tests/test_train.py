@@ -1,0 +1,112 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from moco import checkpoint
+from moco.batchnorm import SplitBatchNorm2d
+from moco.train import build_model, get_parser, main
+
+K = 128
+
+
+def _args(data, out, *extra):
+    return [str(data / "train"), "--output-dir", str(out), "-a", "resnet18", "--image-size", "32", "-b", "32",
+            "--moco-k", str(K), "--mlp", "--aug-plus", "--cos", "--moco-t", "0.2", "--lr", "0.06", "-j", "0",
+            "--save-freq", "1", "--bn-splits", "4", *extra]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], dict):
+            _assert_same_state(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    main(_args(tiny_data, out, "--epochs", "8", "--probe-data", str(tiny_data / "labeled"), "--probe-freq", "4"))
+    return out
+
+
+def test_loss_falls_below_chance_once_the_queue_is_full(trained):
+    epochs = [m for m in _metrics(trained) if "loss" in m]
+    assert [m["epoch"] for m in epochs] == list(range(1, 9))
+    chance = math.log(1 + K)  # a full queue of real keys and an encoder that knows nothing
+    # Epoch 1 starts with a random queue (easy negatives); from epoch 2 on it holds real keys.
+    assert epochs[-1]["loss"] < epochs[1]["loss"] - 0.3
+    assert epochs[-1]["loss"] < chance - 0.5
+    lrs = [m["lr"] for m in epochs]
+    assert lrs[0] == pytest.approx(0.06) and all(a > b for a, b in zip(lrs, lrs[1:]))  # cosine
+
+
+def test_checkpoint_has_facebookresearch_layout(trained):
+    ckpt = checkpoint.load(trained / "checkpoint_0008.pth.tar")
+    assert ckpt["epoch"] == 8 and ckpt["arch"] == "resnet18"
+    keys = ckpt["state_dict"].keys()
+    assert all(k.startswith("module.") for k in keys)
+    for key in ("module.encoder_q.conv1.weight", "module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.weight",
+                "module.encoder_k.layer4.1.bn2.running_var", "module.queue", "module.queue_ptr"):
+        assert key in keys
+    assert ckpt["state_dict"]["module.queue"].shape == (128, K)
+    assert {"state", "param_groups"} <= ckpt["optimizer"].keys()
+    assert sorted(p.name for p in trained.glob("checkpoint_*")) == [
+        *(f"checkpoint_{e:04d}.pth.tar" for e in range(1, 9)), "checkpoint_last.pth.tar"]
+    _assert_same_state(ckpt, checkpoint.load(trained / "checkpoint_last.pth.tar"))
+
+
+def test_probe_logged_at_initialisation_and_every_n_epochs(trained):
+    probes = {m["epoch"]: m["knn_top1"] for m in _metrics(trained) if "knn_top1" in m}
+    assert sorted(probes) == [0, 4, 8]
+    assert all(0.0 <= v <= 1.0 for v in probes.values())
+
+
+def test_interrupted_run_resumes_to_the_same_final_state(trained, tiny_data, tmp_path):
+    # A run stopped after epoch 5 holds checkpoint_last = epoch 5; re-running the same command continues it.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(trained / "checkpoint_0005.pth.tar", resumed / checkpoint.LAST)
+    main(_args(tiny_data, resumed, "--epochs", "8", "--probe-data", str(tiny_data / "labeled"), "--probe-freq", "4"))
+    assert [m["epoch"] for m in _metrics(resumed)] == [6, 7, 8]  # epochs 1-5 were not trained again
+    final, reference = checkpoint.load(resumed / checkpoint.LAST), checkpoint.load(trained / checkpoint.LAST)
+    _assert_same_state(final["state_dict"], reference["state_dict"])
+    _assert_same_state(final["optimizer"], reference["optimizer"])
+    # --resume PATH does the same from an explicit file, into a new directory.
+    explicit = tmp_path / "explicit"
+    main(_args(tiny_data, explicit, "--epochs", "8", "--resume", str(trained / "checkpoint_0007.pth.tar")))
+    _assert_same_state(checkpoint.load(explicit / checkpoint.LAST)["state_dict"], reference["state_dict"])
+
+
+def test_finished_run_rerun_trains_nothing(trained, tiny_data):
+    before = (trained / checkpoint.LAST).stat().st_mtime_ns
+    main(_args(tiny_data, trained, "--epochs", "8"))
+    assert (trained / checkpoint.LAST).stat().st_mtime_ns == before
+
+
+def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="--moco-k 100 must be a multiple of --batch-size 32"):
+        main(_args(tiny_data, tmp_path, "--epochs", "1", "--moco-k", "100"))
+
+
+def test_resume_with_another_architecture_is_refused(trained, tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="checkpoint is 'resnet18', this run is -a resnet34"):
+        main(_args(tiny_data, tmp_path, "--epochs", "9", "-a", "resnet34",
+                   "--resume", str(trained / checkpoint.LAST)))
+
+
+def test_split_bn_only_in_a_single_process():
+    args = get_parser().parse_args(["data", "-a", "resnet18", "--moco-k", "64", "--bn-splits", "4"])
+    single, ddp = build_model(args, world_size=1), build_model(args, world_size=2)
+    assert any(isinstance(m, SplitBatchNorm2d) for m in single.encoder_k.modules())
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in ddp.modules())
