@@ -71,7 +71,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         launcher = "slurm"
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local_rank = int(env["SLURM_LOCALID"])
-        env.setdefault("MASTER_ADDR", _resolve_master_addr(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])))
+        if "MASTER_ADDR" not in env:  # a site or user may pin it; only then is scontrol not needed
+            env["MASTER_ADDR"] = _resolve_master_addr(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"]))
         env.setdefault("MASTER_PORT", str(slurm_port(env["SLURM_JOB_ID"])))
     else:
         if int(env.get("SLURM_NTASKS", "1")) > 1:
@@ -113,3 +114,18 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+@torch.no_grad()
+def average_running_stats(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    DDP broadcasts rank 0's buffers at the start of every forward, so after the last step each rank holds
+    statistics of its own shard; averaging makes the saved model reflect every rank's data and the ranks agree.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for name, buffer in module.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())

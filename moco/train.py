@@ -35,7 +35,7 @@ from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
-from .distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from .distributed import all_reduce_mean, average_running_stats, barrier, cleanup_distributed, init_distributed
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype
 from .probe import KnnProbe
@@ -236,6 +236,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             group["lr"] = lr
         stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
                                 env.world_size)
+        average_running_stats(model)
         done = epoch + 1
         record = {"epoch": done, "lr": lr, **stats, "key_spread": key_spread(model.queue)}
         if probe is not None and (done % args.probe_freq == 0 or done == args.epochs):

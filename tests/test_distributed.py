@@ -1,3 +1,4 @@
+import os
 import socket
 import subprocess
 import sys
@@ -69,3 +70,18 @@ def test_slurm_srun_environment_is_detected(tiny_data, tmp_path, subprocess_env)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert "launch slurm: rank 0 of 2" in outputs[0]
     _assert_same_weights(tmp_path / "rank")
+
+
+def test_rendezvous_host_falls_back_to_node_address(tmp_path, monkeypatch):
+    """A node name that does not resolve would hang torch forever; Slurm's NodeAddr is used instead."""
+    from moco.distributed import _resolve_master_addr
+
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n'
+                    'if [ "$2" = hostnames ]; then printf "%s\\n" no-such-node.invalid other; '
+                    'else echo "NodeName=no-such-node.invalid Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=x"; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert _resolve_master_addr("no-such-node.invalid,other") == "10.1.2.3"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" localhost other\n')
+    assert _resolve_master_addr("localhost,other") == "localhost"
