@@ -248,7 +248,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
                 "state_dict": state_dict_with_prefix(model),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "args": {k: v for k, v in vars(args).items()},
+                "args": dict(vars(args)),
             }
             checkpoint.save_atomic(state, output_dir / checkpoint.LAST)
             if done % args.save_freq == 0 or done == args.epochs:
