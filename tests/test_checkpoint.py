@@ -29,7 +29,7 @@ class _Payload:
 def test_load_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pth.tar"
     with open(path, "wb") as f:
-        pickle.dump({"epoch": 1, "x": _Payload()}, f)
+        pickle.dump({"epoch": 1, "x": _Payload()}, f, protocol=2)
     with pytest.raises(RuntimeError, match="evil.pth.tar: not a readable checkpoint"):
         checkpoint.load(path)
 

@@ -42,6 +42,7 @@ def trained(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_loss_falls_once_the_queue_is_full(trained):
     epochs = [m for m in _metrics(trained) if "loss" in m]
     assert [m["epoch"] for m in epochs] == list(range(1, 9))
@@ -66,6 +67,7 @@ def test_learning_rate_schedules():
     assert learning_rate(9, args) < 0.003
 
 
+@pytest.mark.slow
 def test_checkpoint_has_facebookresearch_layout(trained):
     ckpt = checkpoint.load(trained / "checkpoint_0008.pth.tar")
     assert ckpt["epoch"] == 8 and ckpt["arch"] == "resnet18"
@@ -81,12 +83,14 @@ def test_checkpoint_has_facebookresearch_layout(trained):
     _assert_same_state(ckpt, checkpoint.load(trained / "checkpoint_last.pth.tar"))
 
 
+@pytest.mark.slow
 def test_probe_logged_at_initialisation_and_every_n_epochs(trained):
     probes = {m["epoch"]: m["knn_top1"] for m in _metrics(trained) if "knn_top1" in m}
     assert sorted(probes) == [0, 4, 8]
     assert all(0.0 <= v <= 1.0 for v in probes.values())
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_final_state(trained, tiny_data, tmp_path):
     # A run stopped after epoch 5 holds checkpoint_last = epoch 5; re-running the same command continues it.
     resumed = tmp_path / "resumed"
@@ -105,6 +109,7 @@ def test_interrupted_run_resumes_to_the_same_final_state(trained, tiny_data, tmp
     _assert_same_state(checkpoint.load(explicit / checkpoint.LAST)["state_dict"], reference["state_dict"])
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_trains_nothing(trained, tiny_data):
     before = (trained / checkpoint.LAST).stat().st_mtime_ns
     main(_args(tiny_data, trained, "--epochs", "8"))
@@ -116,6 +121,7 @@ def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
         main(_args(tiny_data, tmp_path, "--epochs", "1", "--moco-k", "100"))
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(trained, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint is 'resnet18', this run is -a resnet34"):
         main(_args(tiny_data, tmp_path, "--epochs", "9", "-a", "resnet34",
