@@ -163,12 +163,17 @@ def main(argv: list[str] | None = None) -> MoCo:
     setup_logging(env.rank, output_dir / "train.log")
     try:
         return _train(args, env, output_dir)
+    except FileNotFoundError as exc:  # a wrong path is the user's to fix: say which, without a traceback
+        raise SystemExit(f"error: {exc}") from exc
     finally:
         cleanup_distributed()
 
 
 def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
     validate_args(args, env.world_size)
+    paths = find_unlabeled_images(args.data)  # first: a wrong path should fail before any model is built
+    if len(paths) // env.world_size < args.batch_size // env.world_size:
+        raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
     device = env.device
     amp_dtype = autocast_dtype(device, args.precision)
     channels_last = args.channels_last if args.channels_last is not None else (
@@ -204,10 +209,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    paths = find_unlabeled_images(args.data)
     per_rank_batch = args.batch_size // env.world_size
-    if len(paths) // env.world_size < per_rank_batch:
-        raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
     dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed)
     sampler = EpochSampler(len(dataset), env.rank, env.world_size, args.seed)
     loader = DataLoader(

@@ -116,6 +116,13 @@ def test_finished_run_rerun_trains_nothing(trained, tiny_data):
     assert (trained / checkpoint.LAST).stat().st_mtime_ns == before
 
 
+def test_missing_data_or_checkpoint_is_a_one_line_error(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: .*nowhere: no such directory"):
+        main([str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), "-a", "resnet18", "--moco-k", "256"])
+    with pytest.raises(SystemExit, match=r"error: .*gone.pth.tar: no such checkpoint"):
+        main(_args(tiny_data, tmp_path / "run", "--epochs", "1", "--resume", str(tmp_path / "gone.pth.tar")))
+
+
 def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--moco-k 100 must be a multiple of --batch-size 32"):
         main(_args(tiny_data, tmp_path, "--epochs", "1", "--moco-k", "100"))
