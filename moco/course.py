@@ -9,14 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from .images import is_image, number_key
+
 # The course loader's order: line i is index i. Index 0 ('cup or mug') is the background-label trap.
 CLASSES: tuple[str, ...] = tuple(
     line.strip()
     for line in (Path(__file__).with_name("course_classes.txt")).read_text().splitlines()
     if line.strip()
 )
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 def read_label_file(path: str | Path) -> tuple[list[list[float]], list[str]]:
@@ -48,7 +48,7 @@ def list_split(root: str | Path, split: str) -> list[tuple[Path, Path]]:
             raise FileNotFoundError(f"{d}: missing; expected <root>/{split}/images and <root>/{split}/labels")
     pairs = []
     for image in images_dir.iterdir():
-        if image.suffix.lower() not in IMAGE_SUFFIXES:
+        if not is_image(image.name):
             continue
         label = labels_dir / f"{image.stem}.yml"
         if not label.is_file():
@@ -56,9 +56,4 @@ def list_split(root: str | Path, split: str) -> list[tuple[Path, Path]]:
         pairs.append((image, label))
     if not pairs:
         raise FileNotFoundError(f"{images_dir}: no images")
-    return sorted(pairs, key=lambda p: _number_key(p[0]))
-
-
-def _number_key(path: Path) -> tuple[int, int | str]:
-    """Sort ``N.ext`` numerically, anything else after, by name."""
-    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.stem)
+    return sorted(pairs, key=lambda p: number_key(p[0]))

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+from .images import is_image, load_rgb, number_key
 
 
 def find_unlabeled_images(data_dir: str | Path) -> list[Path]:
@@ -26,10 +25,9 @@ def find_unlabeled_images(data_dir: str | Path) -> list[Path]:
         if not folder.is_dir():
             continue
         with os.scandir(folder) as entries:
-            names = [e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+            names = [e.name for e in entries if is_image(e.name)]
         if names:
-            names.sort(key=lambda n: (0, int(n.split(".")[0]), n) if n.split(".")[0].isdigit() else (1, 0, n))
-            return [folder / n for n in names]
+            return [folder / n for n in sorted(names, key=number_key)]
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"{data_dir}: no .PNG/.JPEG images found (looked in {looked})")
 
@@ -50,12 +48,7 @@ class UnlabeledImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(f"{path}: cannot read image: {exc}") from exc
+        image = load_rgb(self.paths[index])
         # torchvision's transforms draw from torch's global RNG; fork it so the caller's stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))

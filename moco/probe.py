@@ -17,6 +17,7 @@ from PIL import Image
 
 from .augment import Normalize
 from .course import list_split, read_label_file
+from .images import load_rgb
 
 
 def load_crops(root: str | Path, split: str, size: int, max_images: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -29,11 +30,7 @@ def load_crops(root: str | Path, split: str, size: int, max_images: int | None =
     crops, names = [], []
     for image_path, label_path in pairs:
         boxes, labels = read_label_file(label_path)
-        try:
-            with Image.open(image_path) as image:
-                image = image.convert("RGB")
-        except OSError as exc:
-            raise RuntimeError(f"{image_path}: cannot read image: {exc}") from exc
+        image = load_rgb(image_path)
         for box, name in zip(boxes, labels):
             crop = image.crop(tuple(round(v) for v in box)).resize((size, size), Image.BILINEAR)
             crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
