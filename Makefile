@@ -31,7 +31,7 @@ $(STAMP): requirements.txt requirements-test.txt
 
 venv: $(STAMP) ## Create or refresh the virtualenv (.venv)
 
-data: $(STAMP) ## Generate the tiny dataset in data/tiny (seconds; skipped when already there)
+data: $(STAMP) ## Generate the tiny dataset in data/tiny (about 20 s; skipped when already there)
 	$(PY) -m moco.tinyset --out $(DATA) --workers 2
 
 pretrain: data ## MoCo v2 pretraining on the tiny dataset, into runs/demo/moco (resumes if interrupted)

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from moco.course import CLASSES
+from .course import CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> MoCo:
 def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
     validate_args(args, env.world_size)
     paths = find_unlabeled_images(args.data)  # first: a wrong path should fail before any model is built
-    if len(paths) // env.world_size < args.batch_size // env.world_size:
+    per_rank_batch = args.batch_size // env.world_size
+    if len(paths) // env.world_size < per_rank_batch:
         raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
     device = env.device
     amp_dtype = autocast_dtype(device, args.precision)
@@ -209,7 +210,6 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    per_rank_batch = args.batch_size // env.world_size
     dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed)
     sampler = EpochSampler(len(dataset), env.rank, env.world_size, args.seed)
     loader = DataLoader(
