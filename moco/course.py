@@ -11,6 +11,9 @@ import yaml
 
 from .images import is_image, number_key
 
+# libyaml's safe loader when PyYAML was built with it: about 10x faster over 50,000 label files.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 # The course loader's order: line i is index i. Index 0 ('cup or mug') is the background-label trap.
 CLASSES: tuple[str, ...] = tuple(
     line.strip()
@@ -23,7 +26,7 @@ def read_label_file(path: str | Path) -> tuple[list[list[float]], list[str]]:
     """Parse one label file with the safe YAML loader; any problem names the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_SafeLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read label file: {exc}") from exc
     if not isinstance(data, dict) or "bboxes" not in data or "labels" not in data:

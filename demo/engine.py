@@ -1,0 +1,89 @@
+"""One training epoch and sharded inference, shared by demo.train and demo.evaluate."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from moco.distributed import all_reduce_mean
+from moco.logger import get_logger
+
+from .datasets import DetectionSet, collate
+from .sampler import eval_batches
+
+log = get_logger(__name__)
+
+
+def to_device(images, targets, device: torch.device):
+    """uint8 images become [0, 1] floats on the device; tv_tensors become plain tensors for the detector."""
+    images = [img.as_subclass(torch.Tensor).to(device, non_blocking=True).float().div_(255) for img in images]
+    if targets is not None:
+        targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device, non_blocking=True),
+                    "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch: int,
+                    print_freq: int) -> dict:
+    model.train()
+    sums: dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} "
+                                     f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        seen += len(images)
+        for k, v in loss_dict.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(images)
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(images)
+        if print_freq and step % print_freq == 0:
+            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, len(loader), loss.item(),
+                     optimizer.param_groups[0]["lr"])
+    elapsed = time.perf_counter() - start
+    stats = {k: all_reduce_mean(v / max(seen, 1), device) for k, v in sorted(sums.items())}
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    stats["images_per_s"] = seen * world / elapsed
+    return stats
+
+
+@torch.no_grad()
+def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch_size: int, workers: int,
+            rank: int = 0, world_size: int = 1) -> dict[int, dict] | None:
+    """Detections for every image of ``dataset``, keyed by image id, on rank 0 (None on the others).
+
+    Each rank runs its share of fixed batches (see ``eval_batches``); rank 0 gathers them."""
+    was_training = model.training
+    model.eval()
+    batches = eval_batches(dataset.aspect_ratios(), batch_size, rank, world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    mine = {}
+    for images, targets in loader:
+        images, _ = to_device(images, None, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+        for target, out in zip(targets, outputs):
+            mine[target["image_id"]] = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
+    model.train(was_training)
+    if world_size == 1:
+        return mine
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None
+    return {image_id: out for part in gathered for image_id, out in part.items()}

@@ -1,0 +1,91 @@
+"""COCO box AP/AR of a fine-tuned checkpoint on a labeled split.
+
+    python -m demo.evaluate --checkpoint-path CKPT --dataset-root ROOT --dataset-split validation
+
+Prints pycocotools' 12 summary lines and an AP table per class, and writes ``detections_<split>.json``
+(COCO results format) and ``metrics_<split>.json`` to ``--output-dir`` (default: beside the checkpoint).
+The checkpoint alone defines the model: no backbone file is read. Under torchrun or srun each process
+evaluates a share of the images and rank 0 scores them all, with results identical to a single process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moco import checkpoint
+from moco.distributed import cleanup_distributed, init_distributed
+from moco.logger import get_logger, setup_logging
+from moco.precision import autocast_dtype
+
+from . import coco_eval
+from .datasets import load_split
+from .engine import predict
+from .model import detector_from_checkpoint
+
+log = get_logger("demo.evaluate")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint-path", required=True, help="a demo.train checkpoint")
+    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--dataset-split", default="validation")
+    p.add_argument("-b", "--batch-size", type=int, default=4, help="images per process")
+    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    return p
+
+
+def load_detector(path: str | Path):
+    """The fine-tuned model and its class list, from the checkpoint alone."""
+    ckpt = checkpoint.load(path)
+    model, _ = detector_from_checkpoint(ckpt, path)
+    return model, {int(k): v for k, v in ckpt["categories"]}, ckpt
+
+
+def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
+    args = get_parser().parse_args(argv)
+    env = init_distributed()
+    setup_logging(env.rank)
+    try:
+        return _evaluate(args, env)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        cleanup_distributed()
+
+
+def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
+    model, categories, ckpt = load_detector(args.checkpoint_path)
+    dataset = load_split(args.dataset_root, args.dataset_split)
+    if categories != dataset.categories:
+        raise ValueError(f"{args.checkpoint_path}: trained on other classes than {dataset.source}")
+    model.to(env.device)
+    amp_dtype = autocast_dtype(env.device, args.precision)
+    log.info("%s (stage %s, epoch %d) on %s: %d images, %d process(es), %s, precision %s", args.checkpoint_path,
+             ckpt["stage"], ckpt["epoch"], dataset.source, len(dataset), env.world_size, env.device,
+             amp_dtype or "fp32")
+    predictions = predict(model, dataset, env.device, amp_dtype, args.batch_size, args.workers, env.rank,
+                          env.world_size)
+    if not env.is_main:
+        return None
+    results = coco_eval.to_coco_results(predictions, dataset.label_to_category)
+    metrics = coco_eval.evaluate(dataset.coco_ground_truth(), results)
+    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint_path).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"detections_{args.dataset_split}.json").write_text(json.dumps(results))
+    (out / f"metrics_{args.dataset_split}.json").write_text(json.dumps(
+        {"checkpoint": str(args.checkpoint_path), "split": args.dataset_split, "images": len(dataset),
+         **metrics.to_dict()}, indent=1))
+    print(metrics.summary)
+    print()
+    print(coco_eval.per_class_table(metrics))
+    log.info("detections and metrics written to %s", out)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Faster R-CNN + FPN (torchvision) on a ResNet body that comes from a MoCo checkpoint, a torchvision
+state dict, or random initialisation.
+
+RoIAlign pools from all four FPN levels (torchvision's ``MultiScaleRoIAlign`` over '0'..'3'). BatchNorm is
+``FrozenBatchNorm2d`` by default: a fixed affine map that ``model.train()`` cannot switch back to batch
+statistics. ``norm="sync"`` trains BatchNorm instead, synchronised over ranks as in MoCo's detection transfer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch.nn as nn
+import torchvision.models as tv_models
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from moco import checkpoint
+from moco.logger import get_logger
+
+log = get_logger(__name__)
+
+NORMS = ("frozen", "sync")
+_BODY_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # a ResNet without its fc
+# Block counts of layer1..4 and whether blocks are bottlenecks: enough to name a checkpoint without 'arch'.
+_RESNET_SHAPES = {
+    ((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything needed to rebuild the network; stored in every fine-tuned checkpoint."""
+    arch: str = "resnet50"
+    num_classes: int = 101  # the course's 100 classes + background
+    trainable_layers: int = 3  # ResNet stages trained, counted from the top (0..5)
+    norm: str = "frozen"
+    min_size: int = 800  # images are resized so their short side is min_size, long side at most max_size
+    max_size: int = 1333
+    rois_per_image: int = 512  # RoIs sampled per image for the box head's loss
+    fpn_channels: int = 256  # FPN and RPN convs dominate the cost at small sizes: 128 is 2x faster on a CPU
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm {self.norm!r}: one of {NORMS}")
+        if not 0 <= self.trainable_layers <= 5:
+            raise ValueError(f"trainable_layers {self.trainable_layers}: 0..5")
+        if self.norm == "sync" and self.trainable_layers < 5:
+            # Frozen stages would still update BatchNorm statistics in train mode: the original's defect 3.
+            raise ValueError("norm 'sync' trains BatchNorm statistics in every stage: use trainable_layers 5")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_detector(config: DetectorConfig) -> FasterRCNN:
+    norm_layer = FrozenBatchNorm2d if config.norm == "frozen" else nn.BatchNorm2d
+    body = tv_models.get_model(config.arch, weights=None, norm_layer=norm_layer)
+    backbone = _resnet_fpn_extractor(body, config.trainable_layers)
+    if config.fpn_channels != backbone.out_channels:  # torchvision's extractor fixes 256
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, config.fpn_channels, extra_blocks=LastLevelMaxPool())
+        backbone.out_channels = config.fpn_channels
+    return FasterRCNN(backbone, num_classes=config.num_classes, min_size=config.min_size,
+                      max_size=config.max_size, box_batch_size_per_image=config.rois_per_image)
+
+
+def detector_from_checkpoint(ckpt: dict, source: str | Path) -> tuple[FasterRCNN, DetectorConfig]:
+    """Rebuild a fine-tuned detector from its checkpoint alone."""
+    if "model_config" not in ckpt:
+        raise ValueError(f"{source}: not a detector checkpoint of demo.train (a backbone goes to --bp)")
+    config = DetectorConfig(**ckpt["model_config"])
+    model = build_detector(config)
+    model.load_state_dict(ckpt["model"])
+    return model, config
+
+
+def backbone_weights(ckpt: dict) -> dict:
+    """The ResNet body's tensors from any supported layout, with torchvision's ResNet key names."""
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    state = checkpoint.strip_prefix(state, "module.")
+    for prefix in ("encoder_q.", "backbone.body."):  # MoCo (ours and facebookresearch/moco), our detectors
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in state.items() if k.startswith(_BODY_PREFIXES) and hasattr(v, "shape")}
+
+
+def infer_arch(weights: dict) -> str:
+    blocks = tuple(
+        1 + max((int(k.split(".")[1]) for k in weights if k.startswith(f"layer{i}.")), default=-1)
+        for i in range(1, 5)
+    )
+    shape = (blocks, "layer1.0.conv3.weight" in weights)
+    if shape not in _RESNET_SHAPES:
+        raise ValueError(f"cannot tell the ResNet from its blocks {blocks}: the checkpoint needs an 'arch' entry")
+    return _RESNET_SHAPES[shape]
+
+
+def read_backbone(path: str | Path) -> tuple[str, dict]:
+    """A backbone checkpoint's architecture (its 'arch' entry, else read from its shapes) and body weights."""
+    ckpt = checkpoint.load(path)
+    weights = backbone_weights(ckpt)
+    if not weights:
+        raise RuntimeError(f"{path}: no ResNet weights found (expected module.encoder_q.*, a torchvision ResNet "
+                           f"state dict, or a detector's backbone.body.*)")
+    return ckpt.get("arch") or infer_arch(weights), weights
+
+
+def load_backbone(model: FasterRCNN, weights: dict, source: str | Path) -> dict:
+    """Copy a pretrained ResNet body into the detector; stops loudly unless every body tensor was found."""
+    try:
+        result = model.backbone.body.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise RuntimeError(f"{source}: backbone does not fit the detector: {exc}") from exc
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    report = {"loaded": len(weights) - len(result.unexpected_keys), "missing": list(result.missing_keys),
+              "unexpected": unexpected}
+    if result.missing_keys or unexpected:
+        raise RuntimeError(f"{source}: backbone did not load: missing {result.missing_keys[:5]} "
+                           f"({len(result.missing_keys)} in all), unexpected {unexpected[:5]} ({len(unexpected)})")
+    log.info("backbone from %s: %d tensors loaded, 0 missing, 0 unexpected", source, report["loaded"])
+    return report

@@ -1,0 +1,247 @@
+"""Fine-tune Faster R-CNN + FPN on labeled data, in the stages r1, r2, r3 of the original recipe.
+
+    python -m demo.train --stage r1 --bp MOCO_CHECKPOINT --dataset-root ROOT [flags]
+    python -m demo.train --stage r2 --dataset-root ROOT [flags]     # continues r1's final checkpoint
+    python -m demo.train --stage r3 --dataset-root ROOT [flags]     # continues r2's
+
+Hyper-parameter contract (defaults reproduce the original at total batch 4, see demo/recipe.py):
+- r1: epochs 0..22, lr 0.03 with a linear warm-up over min(1000 iterations, one epoch); r2: to epoch 27, lr 0.003;
+  r3: to epoch 37, lr 0.0003. Constant lr within a stage. ``--epochs`` is the epoch a stage ends at, counted
+  from the start of r1. ``--lr`` overrides the stage lr, otherwise it scales linearly with ``--batch-size``.
+- SGD, momentum 0.9, weight decay 1e-4; horizontal flips; batches grouped by aspect ratio.
+- ResNet body from ``--bp`` (MoCo checkpoint, facebookresearch/moco release, or torchvision state dict; its
+  architecture is read from the file), FrozenBatchNorm2d, the top 3 ResNet stages trained (``--trainable-layers``).
+
+Files, in ``<output-dir>/<stage>/``: ``checkpoint_last.pth.tar`` after every epoch, ``checkpoint_best.pth.tar``
+(highest validation AP), ``metrics.jsonl``, ``train.log``. A checkpoint holds everything evaluation needs
+(weights, architecture, class names) and everything a resume needs (optimizer, lr scheduler, scaler, epoch).
+Re-running a stage resumes it from its own last checkpoint; r2 and r3 find the previous stage's final
+checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from moco import checkpoint
+from moco.distributed import barrier, cleanup_distributed, init_distributed
+from moco.logger import append_metrics, get_logger, setup_logging
+from moco.precision import autocast_dtype
+
+from . import coco_eval
+from .datasets import collate, load_split
+from .engine import predict, train_one_epoch
+from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
+from .recipe import STAGES, scaled_lr, warmup_factor
+from .sampler import GroupedBatchSampler
+from .transforms import train_transforms
+
+log = get_logger("demo.train")
+
+BEST = "checkpoint_best.pth.tar"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", required=True, choices=sorted(STAGES))
+    p.add_argument("--dataset-root", required=True, help="course layout (<root>/<split>/images, labels) or COCO")
+    p.add_argument("--train-split", default="training")
+    p.add_argument("--val-split", default="validation")
+    p.add_argument("--output-dir", default="runs/fpn", help="the run: one sub-directory per stage")
+    p.add_argument("--bp", default="", help="backbone checkpoint for r1; none: random initialisation (a baseline)")
+    p.add_argument("--resume", default="", help="start from this checkpoint instead of the one found in --output-dir")
+    p.add_argument("--lr", type=float, default=None, help="default: the stage's lr x batch-size / 4")
+    p.add_argument("-b", "--batch-size", type=int, default=4, help="total over all processes")
+    p.add_argument("--epochs", type=int, default=None, help="epoch this stage ends at; default: the recipe's")
+    p.add_argument("-j", "--workers", type=int, default=4, help="data-loading workers per process")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N steps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast dtype; auto: bf16 where native, fp16 on older GPUs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations; default on with CUDA")
+    p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
+    model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
+    model.add_argument("-a", "--arch", default=None, help="ResNet for random init; with --bp, read from the file")
+    model.add_argument("--trainable-layers", type=int, default=3, help="ResNet stages trained, from the top (0-5)")
+    model.add_argument("--norm", default="frozen", choices=NORMS,
+                       help="frozen: FrozenBatchNorm2d; sync: SyncBatchNorm across ranks (needs --trainable-layers 5)")
+    model.add_argument("--min-size", type=int, default=800, help="short image side after resizing")
+    model.add_argument("--max-size", type=int, default=1333, help="long image side at most")
+    model.add_argument("--rois-per-image", type=int, default=512, help="RoIs sampled per image for the box head")
+    model.add_argument("--fpn-channels", type=int, default=256, help="FPN width; 128 halves the cost of tiny runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_parser().parse_args(argv)
+    env = init_distributed()
+    stage_dir = Path(args.output_dir) / args.stage
+    if env.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(env.rank, stage_dir / "train.log")
+    try:
+        return _train(args, env, stage_dir)
+    except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        cleanup_distributed()
+
+
+def starting_point(args: argparse.Namespace, stage_dir: Path) -> tuple[Path | None, dict | None, str]:
+    """(file, checkpoint, how): "resume" this stage, "chain" from the previous stage's end, or "fresh"."""
+    stage = STAGES[args.stage]
+    if args.resume:
+        path = Path(args.resume)
+    elif (stage_dir / checkpoint.LAST).is_file():
+        path = stage_dir / checkpoint.LAST
+    elif stage.previous:
+        path = stage_dir.parent / stage.previous / checkpoint.LAST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: stage {stage.previous} has not run in {stage_dir.parent}; "
+                                    f"run --stage {stage.previous} first, or give --resume")
+    else:
+        return None, None, "fresh"
+    ckpt = checkpoint.load(path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a detector checkpoint of demo.train (a backbone goes to --bp)")
+    if ckpt["stage"] == stage.name:
+        return path, ckpt, "resume"
+    if ckpt["stage"] != stage.previous:
+        raise ValueError(f"{path}: a stage {ckpt['stage']} checkpoint; stage {stage.name} starts from "
+                         f"{stage.previous or 'a backbone (--bp)'}")
+    if ckpt["epoch"] < ckpt["stage_end"]:
+        raise ValueError(f"{path}: stage {ckpt['stage']} stopped at epoch {ckpt['epoch']} of {ckpt['stage_end']}; "
+                         f"finish it first (re-running --stage {ckpt['stage']} resumes it)")
+    return path, ckpt, "chain"
+
+
+def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
+    stage = STAGES[args.stage]
+    if args.batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {env.world_size} "
+                         f"processes")
+    source, ckpt, how = starting_point(args, stage_dir)
+    if args.bp and how != "fresh":
+        log.warning("--bp %s ignored: stage %s continues %s", args.bp, stage.name, source)
+    train_set = load_split(args.dataset_root, args.train_split, train_transforms())
+    val_set = load_split(args.dataset_root, args.val_split)
+    if train_set.categories != val_set.categories:
+        raise ValueError(f"{val_set.source}: categories differ from {train_set.source}")
+    device = env.device
+    amp_dtype = autocast_dtype(device, args.precision)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+
+    torch.manual_seed(args.seed)  # identical heads on every rank
+    if ckpt is None:
+        arch, weights = read_backbone(args.bp) if args.bp else (args.arch or "resnet50", None)
+        if args.bp and args.arch and args.arch != arch:
+            raise ValueError(f"{args.bp}: holds a {arch}, not the --arch {args.arch} asked for")
+        config = DetectorConfig(arch, train_set.num_classes, args.trainable_layers, args.norm, args.min_size,
+                                args.max_size, args.rois_per_image, args.fpn_channels)
+        model = build_detector(config)
+        if weights is not None:
+            load_backbone(model, weights, args.bp)
+        else:
+            log.warning("no --bp: %s backbone randomly initialised (a baseline, not a transfer)", arch)
+    else:
+        if [list(c) for c in ckpt["categories"]] != [[k, v] for k, v in train_set.categories.items()]:
+            raise ValueError(f"{source}: trained on other classes than {train_set.source}")
+        model, config = detector_from_checkpoint(ckpt, source)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if config.norm == "sync" and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    per_rank_batch = args.batch_size // env.world_size
+    sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    lr = args.lr if args.lr is not None else scaled_lr(stage, args.batch_size)
+    warmup = min(stage.warmup_iters, len(loader))
+
+    start_epoch, best_ap = 0, -1.0
+    end_epoch = args.epochs if args.epochs is not None else stage.end_epoch
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])  # momentum buffers carry over between stages too
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_factor(it, warmup))
+    if how == "resume":
+        scheduler.load_state_dict(ckpt["lr_scheduler"])  # restores the iteration count, not the lr itself
+        lr = scheduler.base_lrs[0]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * warmup_factor(scheduler.last_epoch, warmup)
+        best_ap = float(ckpt["best_ap"])
+        if args.epochs is None:
+            end_epoch = int(ckpt["stage_end"])
+    if end_epoch <= start_epoch and how != "resume":
+        raise ValueError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
+                         f"give a larger --epochs")
+    log.info("stage %s (%s%s): epochs %d..%d, lr %.4g, batch %d on %d process(es) [%s], %s, precision %s",
+             stage.name, how, f" from {source}" if source else "", start_epoch, end_epoch - 1, lr, args.batch_size,
+             env.world_size, env.launcher, device, amp_dtype or "fp32")
+    log.info("model %s; train %d images (%s), validation %d images, %d classes", config.to_dict(),
+             len(train_set), train_set.source, len(val_set), len(train_set.categories))
+
+    ddp_model = model
+    if env.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    ground_truth = val_set.coco_ground_truth() if env.is_main else None
+    record: dict = {}
+    for epoch in range(start_epoch, end_epoch):
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
+                                args.print_freq)
+        done = epoch + 1
+        predictions = predict(model, val_set, device, amp_dtype, args.val_batch_size, args.workers, env.rank,
+                              env.world_size)
+        if env.is_main:
+            metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
+                                                                                  val_set.label_to_category))
+            record = {"epoch": done, "stage": stage.name, "lr": optimizer.param_groups[0]["lr"], **stats,
+                      "val": metrics.stats}
+            is_best = metrics.stats["AP"] > best_ap
+            best_ap = max(best_ap, metrics.stats["AP"])
+            state = {
+                "model": model.state_dict(),
+                "model_config": config.to_dict(),
+                "categories": [[k, v] for k, v in train_set.categories.items()],
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": done,
+                "stage": stage.name,
+                "stage_end": end_epoch,
+                "best_ap": best_ap,
+                "val": metrics.stats,
+                "args": dict(vars(args)),
+            }
+            checkpoint.save_atomic(state, stage_dir / checkpoint.LAST)
+            if is_best:
+                checkpoint.save_atomic(state, stage_dir / BEST)
+            append_metrics(stage_dir / "metrics.jsonl", record)
+            log.info("epoch %d/%d done: loss %.4f, %.1f img/s, validation AP %.4f AP50 %.4f%s", done, end_epoch,
+                     stats["loss"], stats["images_per_s"], metrics.stats["AP"], metrics.stats["AP50"],
+                     " (best)" if is_best else "")
+        barrier()  # other ranks wait for rank 0's checkpoint
+    if start_epoch >= end_epoch:
+        log.info("stage %s already complete at epoch %d (%s)", stage.name, start_epoch, source)
+    return record
+
+
+if __name__ == "__main__":
+    main()
