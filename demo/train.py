@@ -156,7 +156,10 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         model, config = detector_from_checkpoint(ckpt, source)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if config.norm == "sync" and env.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("SyncBatchNorm needs CUDA: on CPU each process normalises with its own batch")
 
     per_rank_batch = args.batch_size // env.world_size
     sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)
@@ -204,6 +207,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     record: dict = {}
     for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
+        epoch_lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: shows the warm-up
         stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
                                 args.print_freq)
         done = epoch + 1
@@ -212,7 +216,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         if env.is_main:
             metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
                                                                                   val_set.label_to_category))
-            record = {"epoch": done, "stage": stage.name, "lr": optimizer.param_groups[0]["lr"], **stats,
+            record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats,
                       "val": metrics.stats}
             is_best = metrics.stats["AP"] > best_ap
             best_ap = max(best_ap, metrics.stats["AP"])

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["--min-size", "160", "--max-size", "256", "--rois-per-image", "32", "--fpn-channels", "64", "-b", "4",
          "-j", "0", "-p", "0", "--val-batch-size", "8"]
-STAGE_ENDS = {"r1": 4, "r2": 5, "r3": 6}
+STAGE_ENDS = {"r1": 8, "r2": 9, "r3": 10}
 
 
 def stage_args(stage, root, out, *extra):
@@ -34,17 +34,20 @@ def metrics(path):
 @pytest.fixture(scope="module")
 def chain(tiny_data, tmp_path_factory):
     """A tiny MoCo backbone, then r1 -> r2 -> r3 with the stages' default lrs, except r1's (batch 4 diverges at
-    the recipe's 0.03 on this set)."""
+    the recipe's 0.03 on this set). The backbone's BatchNorm trains (--norm sync, a plain BatchNorm in one
+    process): statistics from 24 MoCo steps on 32-pixel crops do not fit 160-pixel scenes, and frozen they
+    start the heads at a loss of 60 that diverges, as in MoCo's own detection transfer."""
     work = tmp_path_factory.mktemp("chain")
     moco_train.main([str(tiny_data / "train"), "--output-dir", str(work / "moco"), "-a", "resnet18",
-                     "--image-size", "32", "--epochs", "1", "-b", "32", "--moco-k", "256", "--mlp", "--aug-plus",
+                     "--image-size", "32", "--epochs", "3", "-b", "32", "--moco-k", "256", "--mlp", "--aug-plus",
                      "-j", "0", "--bn-splits", "4"])
     bp = work / "moco" / checkpoint.LAST
     root, run = tiny_data / "labeled", work / "fpn"
     records = {
-        "r1": demo_train.main(stage_args("r1", root, run, "--bp", str(bp), "--lr", "0.01", "--epochs", "4")),
-        "r2": demo_train.main(stage_args("r2", root, run, "--epochs", "5")),
-        "r3": demo_train.main(stage_args("r3", root, run, "--epochs", "6")),
+        "r1": demo_train.main(stage_args("r1", root, run, "--bp", str(bp), "--lr", "0.01", "--epochs", "8",
+                                         "--norm", "sync", "--trainable-layers", "5")),
+        "r2": demo_train.main(stage_args("r2", root, run, "--epochs", "9")),
+        "r3": demo_train.main(stage_args("r3", root, run, "--epochs", "10")),
     }
     return {"root": root, "run": run, "bp": bp, "records": records, "work": work}
 
@@ -52,9 +55,9 @@ def chain(tiny_data, tmp_path_factory):
 def test_stages_chain_with_their_own_lr(chain):
     run = chain["run"]
     r1, r2, r3 = (metrics(run / s / "metrics.jsonl") for s in ("r1", "r2", "r3"))
-    assert [m["epoch"] for m in r1] == [1, 2, 3, 4]
-    assert [m["epoch"] for m in r2] == [5] and r2[0]["lr"] == pytest.approx(0.003)  # recipe lr at batch 4
-    assert [m["epoch"] for m in r3] == [6] and r3[0]["lr"] == pytest.approx(0.0003)
+    assert [m["epoch"] for m in r1] == list(range(1, 9))
+    assert [m["epoch"] for m in r2] == [9] and r2[0]["lr"] == pytest.approx(0.003)  # recipe lr at batch 4
+    assert [m["epoch"] for m in r3] == [10] and r3[0]["lr"] == pytest.approx(0.0003)
     assert r1[0]["lr"] < 0.01 and r1[1]["lr"] == pytest.approx(0.01)  # r1 warms up over its first epoch
     for stage in ("r1", "r2", "r3"):
         ckpt = checkpoint.load(run / stage / checkpoint.LAST)
@@ -67,13 +70,15 @@ def test_next_stage_starts_from_previous_weights_and_resumes_itself(chain, tmp_p
     run = tmp_path / "fpn"
     shutil.copytree(chain["run"] / "r1", run / "r1")
     r1 = checkpoint.load(run / "r1" / checkpoint.LAST)
-    # lr 0 leaves the weights where the stage found them: those must be r1's final ones.
-    demo_train.main(stage_args("r2", chain["root"], run, "--lr", "0", "--epochs", "5"))
+    # lr 0 leaves the weights where the stage found them: those must be r1's final ones. (The chain trains
+    # BatchNorm, whose running statistics move without the lr.)
+    demo_train.main(stage_args("r2", chain["root"], run, "--lr", "0", "--epochs", "9"))
     r2 = checkpoint.load(run / "r2" / checkpoint.LAST)
-    assert all(torch.equal(r1["model"][k], r2["model"][k]) for k in r1["model"])
+    weights = [k for k in r1["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 50 and all(torch.equal(r1["model"][k], r2["model"][k]) for k in weights)
     # Re-running the stage continues from its own checkpoint (a requeue), not from r1 again.
-    demo_train.main(stage_args("r2", chain["root"], run, "--lr", "0", "--epochs", "6"))
-    assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [5, 6]
+    demo_train.main(stage_args("r2", chain["root"], run, "--lr", "0", "--epochs", "10"))
+    assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [9, 10]
     assert "stage r2 (resume from" in (run / "r2" / "train.log").read_text()
 
 
@@ -81,7 +86,7 @@ def test_next_stage_refuses_an_unfinished_one(chain, tmp_path):
     run = tmp_path / "fpn"
     r1 = checkpoint.load(chain["run"] / "r1" / checkpoint.LAST)
     checkpoint.save_atomic({**r1, "stage_end": 10}, run / "r1" / checkpoint.LAST)
-    with pytest.raises(SystemExit, match="stage r1 stopped at epoch 4 of 10"):
+    with pytest.raises(SystemExit, match="stage r1 stopped at epoch 8 of 10"):
         demo_train.main(stage_args("r2", chain["root"], run))
     with pytest.raises(SystemExit, match="stage r2 has not run"):
         demo_train.main(stage_args("r3", chain["root"], run))
@@ -92,7 +97,8 @@ def test_evaluation_needs_only_the_checkpoint(chain, tmp_path, capsys):
     shutil.copy(chain["run"] / "r3" / checkpoint.LAST, final)
     shutil.rmtree(chain["bp"].parent)  # the backbone checkpoint is gone
     result = demo_evaluate.main(["--checkpoint-path", str(final), "--dataset-root", str(chain["root"]),
-                                 "--dataset-split", "validation", "-j", "0", "--output-dir", str(tmp_path / "eval")])
+                                 "--dataset-split", "validation", "-j", "0", "-b", "8",
+                                 "--output-dir", str(tmp_path / "eval")])
     printed = capsys.readouterr().out
     assert result.stats == checkpoint.load(final)["val"]  # the same numbers validation logged
     assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
@@ -113,28 +119,29 @@ def test_fine_tuning_beats_an_untrained_detector(chain):
                                                                                       val.label_to_category))
     tuned = chain["records"]["r3"]["val"]
     print(f"tiny chain AP {tuned['AP']:.4f} AP50 {tuned['AP50']:.4f}; untrained AP {baseline.stats['AP']:.4f}")
-    assert tuned["AP"] > 0.05 and tuned["AP"] > 5 * baseline.stats["AP"]
+    assert tuned["AP"] > 0.03 and tuned["AP"] > 10 * baseline.stats["AP"]
 
 
 def test_distributed_evaluation_equals_single_process(chain, tmp_path, subprocess_env):
     ckpt = chain["run"] / "r3" / checkpoint.LAST
-    common = ["--checkpoint-path", str(ckpt), "--dataset-root", str(chain["root"]), "-j", "0", "-b", "3"]
-    demo_evaluate.main([*common, "--output-dir", str(tmp_path / "one")])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "demo.evaluate",
-                    *common, "--output-dir", str(tmp_path / "two")], check=True, env=subprocess_env, timeout=300)
+    common = ["-m", "demo.evaluate", "--checkpoint-path", str(ckpt), "--dataset-root", str(chain["root"]), "-j", "0",
+              "-b", "3"]
+    subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], check=True, env=subprocess_env,
+                   timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common, "--output-dir",
+                    str(tmp_path / "two")], check=True, env=subprocess_env, timeout=300)
     for name in ("metrics_validation.json", "detections_validation.json"):
         one, two = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
-        if name.startswith("metrics"):
-            one.pop("checkpoint"), two.pop("checkpoint")
         assert one == two, name
+    assert json.loads((tmp_path / "one" / "detections_validation.json").read_text())
 
 
 def test_two_process_training_under_torchrun(chain, tmp_path, subprocess_env):
     run = tmp_path / "fpn"
     shutil.copytree(chain["run"] / "r1", run / "r1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "demo.train",
-                    *stage_args("r2", chain["root"], run, "--epochs", "5")], check=True, env=subprocess_env,
+                    *stage_args("r2", chain["root"], run, "--epochs", "9")], check=True, env=subprocess_env,
                    timeout=600)
     record = metrics(run / "r2" / "metrics.jsonl")[-1]
-    assert record["epoch"] == 5 and record["lr"] == pytest.approx(0.003)
+    assert record["epoch"] == 9 and record["lr"] == pytest.approx(0.003)
     assert "on 2 process(es) [torchrun]" in (run / "r2" / "train.log").read_text()
