@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
+from moco.precision import optimizer_step
 
 from .datasets import DetectionSet, collate
 from .sampler import eval_batches
@@ -38,14 +39,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} "
                                      f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); try a lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         scheduler.step()
         seen += len(images)
         for k, v in loss_dict.items():
@@ -78,7 +72,8 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)
         for target, out in zip(targets, outputs):
-            mine[target["image_id"]] = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
+            mine[target["image_id"]] = {k: (v.float() if v.is_floating_point() else v).cpu()
+                                        for k, v in out.items()}
     model.train(was_training)
     if world_size == 1:
         return mine

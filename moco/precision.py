@@ -33,3 +33,15 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One update; with fp16 the loss is scaled so small gradients do not underflow (bf16 and fp32 need no scaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()

@@ -37,7 +37,7 @@ from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
 from .distributed import all_reduce_mean, average_running_stats, barrier, cleanup_distributed, init_distributed
 from .logger import append_metrics, get_logger, setup_logging
-from .precision import autocast_dtype
+from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
 
 log = get_logger("moco.train")
@@ -124,14 +124,7 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, labels = model(im_q, im_k)
         loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         n = labels.shape[0]
         loss_sum += loss.item() * n
         correct += int((logits.argmax(1) == 0).sum())

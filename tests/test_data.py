@@ -1,5 +1,4 @@
 import pytest
-import torch
 from PIL import Image
 
 from moco.data import EpochSampler, UnlabeledImages, find_unlabeled_images
