@@ -184,6 +184,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_factor(it, warmup))
     if how == "resume":
         scheduler.load_state_dict(ckpt["lr_scheduler"])  # restores the iteration count, not the lr itself
+        if args.lr is not None:  # asked for explicitly: the resumed stage continues at the new lr
+            scheduler.base_lrs = [args.lr] * len(scheduler.base_lrs)
         lr = scheduler.base_lrs[0]
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * warmup_factor(scheduler.last_epoch, warmup)
