@@ -84,8 +84,12 @@ def test_missing_split_names_both_layouts(tmp_path):
 
 def test_collate_keeps_variable_sizes(tiny_data):
     ds = course_split(tiny_data / "labeled", "validation")
-    images, targets = collate([ds[0], ds[1]])
-    assert len(images) == 2 and len(targets) == 2
+    items = [ds[i] for i in range(len(ds))]
+    sizes = {tuple(image.shape) for image, _ in items}
+    assert len(sizes) > 1  # the tiny set's images differ in size, as the course's do
+    images, targets = collate(items)
+    assert [tuple(i.shape) for i in images] == [tuple(image.shape) for image, _ in items]
+    assert [t["image_id"] for t in targets] == [s.image_id for s in ds.samples]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
