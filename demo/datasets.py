@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from moco.course import CLASSES, list_split, read_label_file
-from moco.images import load_rgb
+from moco.images import image_size, load_rgb
 
 
 @dataclass(frozen=True)
@@ -30,14 +29,6 @@ class Sample:
     height: int
     boxes: tuple[tuple[float, float, float, float], ...]  # xmin, ymin, xmax, ymax in pixels
     category_ids: tuple[int, ...]
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"{path}: cannot read image: {exc}") from exc
 
 
 class DetectionSet(torch.utils.data.Dataset):
@@ -102,7 +93,7 @@ def course_split(root: str | Path, split: str, transforms=None) -> DetectionSet:
         unknown = sorted(set(names) - category_of.keys())
         if unknown:
             raise ValueError(f"{label_path}: unknown class name(s) {unknown}; see moco/course_classes.txt")
-        width, height = _image_size(image_path)
+        width, height = image_size(image_path)
         samples.append(Sample(int(image_path.stem), image_path, width, height,
                               tuple(tuple(b) for b in boxes), tuple(category_of[n] for n in names)))
     return DetectionSet(samples, {index + 1: name for index, name in enumerate(CLASSES)}, transforms,
@@ -135,7 +126,7 @@ def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=No
                                  f"{ann['category_id']}")
             boxes.append((x, y, x + w, y + h))
             cats.append(int(ann["category_id"]))
-        width, height = (int(im["width"]), int(im["height"])) if "width" in im else _image_size(path)
+        width, height = (int(im["width"]), int(im["height"])) if "width" in im else image_size(path)
         samples.append(Sample(int(im["id"]), path, width, height, tuple(boxes), tuple(cats)))
     return DetectionSet(samples, categories, transforms, source=str(annotation_file))
 

@@ -1,4 +1,5 @@
-"""Image files as both datasets name them (``N.PNG``, ``N.JPEG``): which files count, their order, reading one."""
+"""Image files as both datasets name them (``N.PNG``, ``N.JPEG``): which files count, their order, reading one
+or only its size."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,5 +24,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{path}: cannot read image: {exc}") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"{path}: cannot read image: {exc}") from exc
