@@ -11,7 +11,7 @@ import yaml
 
 from .images import is_image, number_key
 
-# libyaml's safe loader when PyYAML was built with it: about 10x faster over 50,000 label files.
+# libyaml's safe loader when PyYAML was built with it: 7x faster a file (64 vs 451 µs, measured on the tiny set).
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # The course loader's order: line i is index i. Index 0 ('cup or mug') is the background-label trap.
