@@ -39,13 +39,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_detector(path: str | Path):
-    """The fine-tuned model and its class list, from the checkpoint alone."""
-    ckpt = checkpoint.load(path)
-    model, _ = detector_from_checkpoint(ckpt, path)
-    return model, {int(k): v for k, v in ckpt["categories"]}, ckpt
-
-
 def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
     args = get_parser().parse_args(argv)
     env = init_distributed()
@@ -59,10 +52,9 @@ def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
 
 
 def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
-    model, categories, ckpt = load_detector(args.checkpoint_path)
+    ckpt = checkpoint.load(args.checkpoint_path)
     dataset = load_split(args.dataset_root, args.dataset_split)
-    if categories != dataset.categories:
-        raise ValueError(f"{args.checkpoint_path}: trained on other classes than {dataset.source}")
+    model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, dataset.categories)
     model.to(env.device)
     amp_dtype = autocast_dtype(env.device, args.precision)
     log.info("%s (stage %s, epoch %d) on %s: %d images, %d process(es), %s, precision %s", args.checkpoint_path,

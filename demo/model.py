@@ -68,10 +68,16 @@ def build_detector(config: DetectorConfig) -> FasterRCNN:
                       max_size=config.max_size, box_batch_size_per_image=config.rois_per_image)
 
 
-def detector_from_checkpoint(ckpt: dict, source: str | Path) -> tuple[FasterRCNN, DetectorConfig]:
-    """Rebuild a fine-tuned detector from its checkpoint alone."""
+def detector_from_checkpoint(ckpt: dict, source: str | Path, categories: dict[int, str]
+                             ) -> tuple[FasterRCNN, DetectorConfig]:
+    """Rebuild a fine-tuned detector from its checkpoint alone, for data with these ``categories`` (id: name)."""
     if "model_config" not in ckpt:
         raise ValueError(f"{source}: not a detector checkpoint of demo.train (a backbone goes to --bp)")
+    trained = {int(k): v for k, v in ckpt["categories"]}
+    if trained != categories:
+        differences = sorted(set(trained.items()) ^ set(categories.items()))[:3]
+        raise ValueError(f"{source}: trained on {len(trained)} classes that differ from the dataset's "
+                         f"{len(categories)} (first differences: {differences})")
     config = DetectorConfig(**ckpt["model_config"])
     model = build_detector(config)
     model.load_state_dict(ckpt["model"])

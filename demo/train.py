@@ -151,9 +151,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         else:
             log.warning("no --bp: %s backbone randomly initialised (a baseline, not a transfer)", arch)
     else:
-        if [list(c) for c in ckpt["categories"]] != [[k, v] for k, v in train_set.categories.items()]:
-            raise ValueError(f"{source}: trained on other classes than {train_set.source}")
-        model, config = detector_from_checkpoint(ckpt, source)
+        model, config = detector_from_checkpoint(ckpt, source, train_set.categories)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if config.norm == "sync" and env.distributed:
         if device.type == "cuda":

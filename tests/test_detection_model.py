@@ -3,7 +3,8 @@ import torch
 import torchvision.models as tv_models
 from torchvision.ops import FrozenBatchNorm2d
 
-from demo.model import DetectorConfig, build_detector, infer_arch, load_backbone, read_backbone
+from demo.model import (DetectorConfig, build_detector, detector_from_checkpoint, infer_arch, load_backbone,
+                        read_backbone)
 from moco.builder import MoCo
 
 TINY = dict(arch="resnet18", min_size=64, max_size=96, rois_per_image=16, fpn_channels=32)
@@ -111,3 +112,13 @@ def test_sync_norm_refuses_frozen_stages():
         DetectorConfig(norm="sync", trainable_layers=3)
     model = build_detector(DetectorConfig(num_classes=3, norm="sync", trainable_layers=5, **TINY))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
+
+
+def test_detector_checkpoint_refuses_other_classes():
+    config = DetectorConfig(num_classes=3, **TINY)
+    ckpt = {"model": build_detector(config).state_dict(), "model_config": config.to_dict(),
+            "categories": [[1, "cup or mug"], [2, "bird"]]}
+    model, rebuilt = detector_from_checkpoint(ckpt, "ft.pth", {1: "cup or mug", 2: "bird"})
+    assert rebuilt == config
+    with pytest.raises(ValueError, match=r"ft\.pth: trained on 2 classes that differ from the dataset's 2"):
+        detector_from_checkpoint(ckpt, "ft.pth", {1: "cup or mug", 2: "zebra"})
