@@ -64,18 +64,18 @@ class EpochSampler(Sampler):
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
         self.size, self.rank, self.world_size, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size // self.world_size
+        return self.size // self.world_size - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.size)
-        order = order[: len(self) * self.world_size][self.rank :: self.world_size]
+        order = order[: self.size // self.world_size * self.world_size][self.rank :: self.world_size][self.skip :]
         return iter([(self.epoch, int(i)) for i in order])

@@ -11,13 +11,20 @@ Differences from main_moco.py:
   plain process) is detected, one process per GPU (see moco.distributed).
 - --batch-size is the total over all processes; K must be a multiple of it.
 - Re-running the same command with the same --output-dir resumes from checkpoint_last.pth.tar, schedule
-  included; --resume PATH starts from a given checkpoint instead.
+  included; --resume PATH starts from a given checkpoint instead. SIGUSR1 or SIGTERM (Slurm's time-limit
+  warning, preemption) stops the run at the next step with a mid-epoch checkpoint and exit status 75; the
+  resumed run continues from that step (see moco.preemption).
 - In a single process, batch-norm statistics are computed per sub-batch (--bn-splits) and keys are shuffled
   among sub-batches: shuffle-BN's guard against the batch-statistics shortcut, without a second GPU.
 - Mixed precision (--precision), channels_last, device-side normalisation; --image-size for tiny runs;
   a kNN probe on labeled object crops every --probe-freq epochs (--probe-data).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
+    from moco import preemption
+
+    preemption.install()
 
 import argparse
 import math
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 import torchvision.models as tv_models
 from torch.utils.data import DataLoader
 
-from . import checkpoint
+from . import checkpoint, preemption
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
@@ -116,10 +123,14 @@ def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
 
 
 def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
-                    world_size: int) -> dict:
+                    world_size: int, first_step: int = 0) -> dict:
+    """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop."""
     model.train()
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    for step, (im_q, im_k) in enumerate(loader):
+    steps = first_step + len(loader)
+    for step, (im_q, im_k) in enumerate(loader, first_step):
+        if preemption.stop_requested(device):
+            raise preemption.Preempted(step)
         im_q, im_k = normalize(im_q), normalize(im_k)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, labels = model(im_q, im_k)
@@ -130,7 +141,7 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
         correct += int((logits.argmax(1) == 0).sum())
         seen += n
         if args.print_freq and step % args.print_freq == 0:
-            log.info("epoch %d step %d/%d loss %.4f acc@1 %.1f%%", epoch, step, len(loader), loss.item(),
+            log.info("epoch %d step %d/%d loss %.4f acc@1 %.1f%%", epoch, step, steps, loss.item(),
                      100.0 * correct / seen)
     elapsed = time.perf_counter() - start
     return {
@@ -158,6 +169,9 @@ def main(argv: list[str] | None = None) -> MoCo:
         return _train(args, env, output_dir)
     except FileNotFoundError as exc:  # a wrong path is the user's to fix: say which, without a traceback
         raise SystemExit(f"error: {exc}") from exc
+    except preemption.Preempted as exc:
+        log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
+        raise SystemExit(preemption.EXIT_REQUEUE) from exc
     finally:
         cleanup_distributed()
 
@@ -182,7 +196,8 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    start_epoch, resume_from = 0, Path(args.resume) if args.resume else output_dir / checkpoint.LAST
+    start_epoch, start_step = 0, 0
+    resume_from = Path(args.resume) if args.resume else output_dir / checkpoint.LAST
     if args.resume or resume_from.is_file():
         ckpt = checkpoint.load(resume_from)
         if ckpt.get("arch") != args.arch:
@@ -194,8 +209,11 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"])
-        log.info("resumed from %s at epoch %d of %d", resume_from, start_epoch, args.epochs)
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+        if start_step:
+            model.shuffle_generator.set_state(ckpt["shuffle_state"])
+        log.info("resumed from %s at epoch %d step %d of %d epochs", resume_from, start_epoch, start_step,
+                 args.epochs)
 
     ddp_model = model
     if env.distributed:
@@ -223,31 +241,44 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             log.info("kNN top-1 at initialisation: %.2f%%", 100 * top1)
             append_metrics(output_dir / "metrics.jsonl", {"epoch": 0, "knn_top1": top1})
 
+    def state(epochs_done: int, step: int = 0) -> dict:
+        return {
+            "epoch": epochs_done,
+            "step": step,  # steps of the next epoch already trained: non-zero only in a mid-epoch checkpoint
+            "shuffle_state": model.shuffle_generator.get_state(),
+            "arch": args.arch,
+            "state_dict": state_dict_with_prefix(model),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "args": dict(vars(args)),
+        }
+
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        model.shuffle_generator.manual_seed(args.seed * 100_003 + epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, skip=first_step * per_rank_batch)
+        if not first_step:  # else the generator state came with the checkpoint
+            model.shuffle_generator.manual_seed(args.seed * 100_003 + epoch)
         lr = learning_rate(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
-                                env.world_size)
+        try:
+            stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args,
+                                    device, env.world_size, first_step)
+        except preemption.Preempted as stop:
+            if env.is_main:
+                checkpoint.save_atomic(state(epoch, stop.step), output_dir / checkpoint.LAST)
+            barrier()
+            raise
         average_running_stats(model)
         done = epoch + 1
         record = {"epoch": done, "lr": lr, **stats, "key_spread": key_spread(model.queue)}
         if probe is not None and (done % args.probe_freq == 0 or done == args.epochs):
             record["knn_top1"] = probe(model.encoder_q)
         if env.is_main:
-            state = {
-                "epoch": done,
-                "arch": args.arch,
-                "state_dict": state_dict_with_prefix(model),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "args": dict(vars(args)),
-            }
-            checkpoint.save_atomic(state, output_dir / checkpoint.LAST)
+            snapshot = state(done)
+            checkpoint.save_atomic(snapshot, output_dir / checkpoint.LAST)
             if done % args.save_freq == 0 or done == args.epochs:
-                checkpoint.save_atomic(state, output_dir / checkpoint.numbered_name(done))
+                checkpoint.save_atomic(snapshot, output_dir / checkpoint.numbered_name(done))
             append_metrics(output_dir / "metrics.jsonl", record)
         log.info("epoch %d/%d done: lr %.4g loss %.4f acc@1 %.1f%% key spread %.2f %.1f img/s%s", done, args.epochs,
                  lr, record["loss"], record["acc1"], record["key_spread"], record["images_per_s"],

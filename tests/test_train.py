@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from moco import checkpoint
+from moco import checkpoint, preemption
 from moco.batchnorm import SplitBatchNorm2d
 from moco.train import build_model, get_parser, learning_rate, main
 
@@ -108,6 +108,40 @@ def test_interrupted_run_resumes_to_the_same_final_state(trained, tiny_data, tmp
     explicit = tmp_path / "explicit"
     main(_args(tiny_data, explicit, "--epochs", "8", "--resume", str(trained / "checkpoint_0007.pth.tar")))
     _assert_same_state(checkpoint.load(explicit / checkpoint.LAST)["state_dict"], reference["state_dict"])
+
+
+def _stop_at_call(monkeypatch, n: int):
+    """A stop request that arrives before the n-th step of the run, as a signal would."""
+    calls = []
+
+    def stop_requested(device=None):
+        calls.append(1)
+        return len(calls) == n
+
+    monkeypatch.setattr(preemption, "stop_requested", stop_requested)
+
+
+@pytest.mark.slow
+def test_run_stopped_mid_epoch_resumes_from_that_step_to_the_same_final_state(trained, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    run = tmp_path / "stopped"
+    run.mkdir()
+    shutil.copy(trained / "checkpoint_0005.pth.tar", run / checkpoint.LAST)
+    _stop_at_call(monkeypatch, 3)  # epoch 6 (index 5), after its steps 0 and 1
+    with pytest.raises(SystemExit) as stop:
+        main(_args(tiny_data, run, "--epochs", "8"))
+    assert stop.value.code == preemption.EXIT_REQUEUE
+    mid = checkpoint.load(run / checkpoint.LAST)
+    assert (mid["epoch"], mid["step"]) == (5, 2)
+    assert not (run / "metrics.jsonl").exists()  # no epoch was completed
+    monkeypatch.undo()
+    main(_args(tiny_data, run, "--epochs", "8"))
+    assert [m["epoch"] for m in _metrics(run)] == [6, 7, 8]
+    final, reference = checkpoint.load(run / checkpoint.LAST), checkpoint.load(trained / checkpoint.LAST)
+    assert final["step"] == 0
+    # The two skipped batches were not trained twice and the key shuffle continued: bit-identical.
+    _assert_same_state(final["state_dict"], reference["state_dict"])
+    _assert_same_state(final["optimizer"], reference["optimizer"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,66 @@
+"""Stop a training run at the next step when the cluster asks, so that it can checkpoint and resume.
+
+Slurm warns a job before its time limit with the signal named in ``--signal`` (our scripts ask for SIGUSR1 and
+forward it to every task) and sends SIGTERM when it preempts, requeues or cancels a job, ``KillWait`` seconds
+before SIGKILL. Either signal only sets a flag; the training loops poll it between steps (all ranks together,
+so DDP never stops half-way through a collective), write ``checkpoint_last`` with the step reached and exit
+with ``EXIT_REQUEUE``. The batch script then requeues the job (after SIGUSR1) or Slurm does (after SIGTERM), and
+the next run resumes from that step.
+
+``install()`` belongs at the very top of a ``__main__`` module, before ``import torch``: a signal arriving while
+torch loads would otherwise kill the process outright.
+"""
+from __future__ import annotations
+
+import signal
+
+# sysexits.h EX_TEMPFAIL: "try again later". The batch scripts requeue on it.
+EXIT_REQUEUE = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: list[int] = []
+
+
+class Preempted(Exception):
+    """Raised by a training loop at the step where the stop was agreed; the checkpoint is the caller's job."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by {signal_name()} at step {step}")
+        self.step = step
+
+
+def _handler(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def signal_name() -> str:
+    return signal.Signals(_received[0]).name if _received else "request"
+
+
+def request() -> None:
+    """Ask for a stop from inside the process, as a signal would (used by tests)."""
+    _received.append(signal.SIGUSR1)
+
+
+def reset() -> None:
+    _received.clear()
+
+
+def stop_requested(device=None) -> bool:
+    """True on every rank once any rank received a signal: a collective call, made at the same step everywhere."""
+    local = bool(_received)
+    import torch.distributed as dist  # deferred: install() must not pay for torch
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    import torch
+
+    flag = torch.tensor([int(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
