@@ -23,7 +23,7 @@ DEMO_FINETUNE_FLAGS ?= --min-size 224 --max-size 320 --rois-per-image 64 --fpn-c
 FPN_CHECKPOINT := $(RUN)/fpn/r3/checkpoint_last.pth.tar
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain finetune evaluate demo test test-fast clean
+.PHONY: help venv data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -66,3 +66,9 @@ test-fast: $(STAMP) ## Run the tests without the slow tier (multi-process, end t
 
 clean: ## Remove generated data and runs (keeps .venv)
 	rm -rf $(DATA) $(RUN)
+
+slurm-up: ## Start a private Slurm cluster on this machine in .slurm (2 nodes, fake GPUs; installs Slurm if missing)
+	$(PYTHON) slurm/local_cluster.py up
+
+slurm-down: ## Cancel its jobs and stop the private Slurm cluster
+	$(PYTHON) slurm/local_cluster.py down

@@ -7,6 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from moco import preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
@@ -27,11 +28,16 @@ def to_device(images, targets, device: torch.device):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch: int,
-                    print_freq: int) -> dict:
+                    print_freq: int, first_step: int = 0) -> dict:
+    """The epoch's steps from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop.
+    Losses are averaged over the steps run here."""
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
-    for step, (images, targets) in enumerate(loader):
+    steps = first_step + len(loader)
+    for step, (images, targets) in enumerate(loader, first_step):
+        if preemption.stop_requested(device):
+            raise preemption.Preempted(step)
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
@@ -46,7 +52,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
             sums[k] = sums.get(k, 0.0) + v.item() * len(images)
         sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(images)
         if print_freq and step % print_freq == 0:
-            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, len(loader), loss.item(),
+            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, loss.item(),
                      optimizer.param_groups[0]["lr"])
     elapsed = time.perf_counter() - start
     stats = {k: all_reduce_mean(v / max(seen, 1), device) for k, v in sorted(sums.items())}

@@ -25,13 +25,14 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.groups = [aspect_group(r) for r in aspect_ratios]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.per_rank = math.ceil(len(aspect_ratios) / world_size)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: batches already trained this epoch (a mid-epoch resume sees the rest of the same order)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
+        return math.ceil(self.per_rank / self.batch_size) - self.skip
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -49,7 +50,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         # Leftovers of both groups, mixed: the batch count stays ceil(shard / batch) on every rank.
         rest = buckets[0] + buckets[1]
         batches += [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
-        return iter(batches)
+        return iter(batches[self.skip:])
 
 
 def eval_batches(aspect_ratios: list[float], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

@@ -16,17 +16,26 @@ Files, in ``<output-dir>/<stage>/``: ``checkpoint_last.pth.tar`` after every epo
 (highest validation AP), ``metrics.jsonl``, ``train.log``. A checkpoint holds everything evaluation needs
 (weights, architecture, class names) and everything a resume needs (optimizer, lr scheduler, scaler, epoch).
 Re-running a stage resumes it from its own last checkpoint; r2 and r3 find the previous stage's final
-checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one.
+checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one. SIGUSR1 or SIGTERM (Slurm's
+time-limit warning, preemption) stops training at the next step with a checkpoint and exit status 75; the resumed
+run continues from that step. ``checkpoint_last`` is also written when an epoch's training ends, before its
+validation, so a job killed during validation keeps the epoch's training.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
+    from moco import preemption
+
+    preemption.install()
+
 import argparse
+import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from moco import checkpoint
+from moco import checkpoint, preemption
 from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
@@ -90,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         return _train(args, env, stage_dir)
     except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
         raise SystemExit(f"error: {exc}") from exc
+    except preemption.Preempted as exc:
+        log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
+        raise SystemExit(preemption.EXIT_REQUEUE) from exc
     finally:
         cleanup_distributed()
 
@@ -170,7 +182,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     lr = args.lr if args.lr is not None else scaled_lr(stage, args.batch_size)
     warmup = min(stage.warmup_iters, len(loader))
 
-    start_epoch, best_ap = 0, -1.0
+    start_epoch, start_step, best_ap, last_val = 0, 0, -1.0, None
     end_epoch = args.epochs if args.epochs is not None else stage.end_epoch
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])  # momentum buffers carry over between stages too
@@ -187,15 +199,15 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         lr = scheduler.base_lrs[0]
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * warmup_factor(scheduler.last_epoch, warmup)
-        best_ap = float(ckpt["best_ap"])
+        best_ap, last_val, start_step = float(ckpt["best_ap"]), ckpt["val"], int(ckpt.get("step", 0))
         if args.epochs is None:
             end_epoch = int(ckpt["stage_end"])
     if end_epoch <= start_epoch and how != "resume":
         raise ValueError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
                          f"give a larger --epochs")
-    log.info("stage %s (%s%s): epochs %d..%d, lr %.4g, batch %d on %d process(es) [%s], %s, precision %s",
-             stage.name, how, f" from {source}" if source else "", start_epoch, end_epoch - 1, lr, args.batch_size,
-             env.world_size, env.launcher, device, amp_dtype or "fp32")
+    log.info("stage %s (%s%s): epochs %d..%d (from step %d), lr %.4g, batch %d on %d process(es) [%s], %s, "
+             "precision %s", stage.name, how, f" from {source}" if source else "", start_epoch, end_epoch - 1,
+             start_step, lr, args.batch_size, env.world_size, env.launcher, device, amp_dtype or "fp32")
     log.info("model %s; train %d images (%s), validation %d images, %d classes", config.to_dict(),
              len(train_set), train_set.source, len(val_set), len(train_set.categories))
 
@@ -204,43 +216,60 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     ground_truth = val_set.coco_ground_truth() if env.is_main else None
+
+    def state(epochs_done: int, step: int, val) -> dict:
+        return {
+            "model": model.state_dict(),
+            "model_config": config.to_dict(),
+            "categories": [[k, v] for k, v in train_set.categories.items()],
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epochs_done,
+            "step": step,  # steps of the next epoch already trained: non-zero only mid-epoch
+            "stage": stage.name,
+            "stage_end": end_epoch,
+            "best_ap": best_ap,
+            "val": val,
+            "args": dict(vars(args)),
+        }
+
     record: dict = {}
+    steps_per_epoch = len(loader)
     for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, skip=first_step)
         epoch_lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: shows the warm-up
-        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
-                                args.print_freq)
+        try:
+            stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
+                                    args.print_freq, first_step)
+        except preemption.Preempted as stop:
+            if env.is_main:
+                checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST)
+            barrier()
+            raise
+        # The epoch's training is kept even if the job is killed during validation.
+        if env.is_main and first_step < steps_per_epoch:
+            checkpoint.save_atomic(state(epoch, steps_per_epoch, last_val), stage_dir / checkpoint.LAST)
+        if preemption.stop_requested(device):  # collective: rank 0's save above is done
+            raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
         predictions = predict(model, val_set, device, amp_dtype, args.val_batch_size, args.workers, env.rank,
                               env.world_size)
         if env.is_main:
             metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
                                                                                   val_set.label_to_category))
-            record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats,
-                      "val": metrics.stats}
+            record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats, "val": metrics.stats}
             is_best = metrics.stats["AP"] > best_ap
-            best_ap = max(best_ap, metrics.stats["AP"])
-            state = {
-                "model": model.state_dict(),
-                "model_config": config.to_dict(),
-                "categories": [[k, v] for k, v in train_set.categories.items()],
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": done,
-                "stage": stage.name,
-                "stage_end": end_epoch,
-                "best_ap": best_ap,
-                "val": metrics.stats,
-                "args": dict(vars(args)),
-            }
-            checkpoint.save_atomic(state, stage_dir / checkpoint.LAST)
+            best_ap, last_val = max(best_ap, metrics.stats["AP"]), metrics.stats
+            snapshot = state(done, 0, last_val)
+            checkpoint.save_atomic(snapshot, stage_dir / checkpoint.LAST)
             if is_best:
-                checkpoint.save_atomic(state, stage_dir / BEST)
+                checkpoint.save_atomic(snapshot, stage_dir / BEST)
             append_metrics(stage_dir / "metrics.jsonl", record)
             log.info("epoch %d/%d done: loss %.4f, %.1f img/s, validation AP %.4f AP50 %.4f%s", done, end_epoch,
-                     stats["loss"], stats["images_per_s"], metrics.stats["AP"], metrics.stats["AP50"],
-                     " (best)" if is_best else "")
+                     stats.get("loss", math.nan), stats["images_per_s"], metrics.stats["AP"],
+                     metrics.stats["AP50"], " (best)" if is_best else "")
         barrier()  # other ranks wait for rank 0's checkpoint
     if start_epoch >= end_epoch:
         log.info("stage %s already complete at epoch %d (%s)", stage.name, start_epoch, source)

@@ -13,7 +13,7 @@ from demo.datasets import course_split
 from demo.engine import predict
 from demo.model import DetectorConfig, build_detector
 from demo import coco_eval
-from moco import checkpoint
+from moco import checkpoint, preemption
 from moco import train as moco_train
 
 pytestmark = pytest.mark.slow
@@ -80,6 +80,36 @@ def test_next_stage_starts_from_previous_weights_and_resumes_itself(chain, tmp_p
     demo_train.main(stage_args("r2", chain["root"], run, "--lr", "0", "--epochs", "10"))
     assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [9, 10]
     assert "stage r2 (resume from" in (run / "r2" / "train.log").read_text()
+
+
+def _stop_at_call(monkeypatch, n: int):
+    calls = []
+    monkeypatch.setattr(preemption, "stop_requested", lambda device=None: calls.append(1) or len(calls) == n)
+
+
+@pytest.mark.parametrize("stop_call, step", [(3, 2), (13, 12)], ids=["mid-epoch", "before-validation"])
+def test_stopped_stage_resumes_from_the_step_it_reached(chain, tmp_path, monkeypatch, stop_call, step):
+    run = tmp_path / "fpn"
+    shutil.copytree(chain["run"] / "r1", run / "r1")
+    steps_per_epoch = 12  # 48 training images, batch 4
+    _stop_at_call(monkeypatch, stop_call)  # calls 1..12 precede the steps, call 13 precedes validation
+    with pytest.raises(SystemExit) as stop:
+        demo_train.main(stage_args("r2", chain["root"], run, "--epochs", "9"))
+    assert stop.value.code == preemption.EXIT_REQUEUE
+    mid = checkpoint.load(run / "r2" / checkpoint.LAST)
+    assert (mid["stage"], mid["epoch"], mid["step"], mid["stage_end"]) == ("r2", 8, step, 9)
+    assert mid["lr_scheduler"]["last_epoch"] == step  # the stage's own iteration count
+    with pytest.raises(SystemExit, match="stage r2 stopped at epoch 8 of 9"):  # r3 refuses half-finished r2
+        demo_train.main(stage_args("r3", chain["root"], run))
+    monkeypatch.undo()
+    record = demo_train.main(stage_args("r2", chain["root"], run))
+    assert f"(resume from {run / 'r2' / checkpoint.LAST}): epochs 8..8 (from step {step})" in (
+        run / "r2" / "train.log").read_text()
+    final = checkpoint.load(run / "r2" / checkpoint.LAST)
+    assert (final["epoch"], final["step"]) == (9, 0)
+    assert final["lr_scheduler"]["last_epoch"] == steps_per_epoch  # no step trained twice or skipped
+    assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [9]
+    assert record["val"]["AP"] > 0.03
 
 
 def test_next_stage_refuses_an_unfinished_one(chain, tmp_path):
