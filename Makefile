@@ -22,8 +22,11 @@ DEMO_PRETRAIN_FLAGS ?= -a resnet18 --image-size 64 --epochs 8 -b 64 --lr 0.03 --
 DEMO_FINETUNE_FLAGS ?= --min-size 224 --max-size 320 --rois-per-image 64 --fpn-channels 128 -b 4 -p 50
 FPN_CHECKPOINT := $(RUN)/fpn/r3/checkpoint_last.pth.tar
 
+# The Slurm jobs `make pipeline` chains; knobs and the site config apply as in slurm/submit.sh.
+PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eval_mocov2_fpn
+
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down
+.PHONY: help venv data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -72,3 +75,6 @@ slurm-up: ## Start a private Slurm cluster on this machine in .slurm (2 nodes, f
 
 slurm-down: ## Cancel its jobs and stop the private Slurm cluster
 	$(PYTHON) slurm/local_cluster.py down
+
+pipeline: ## Submit pretrain -> r1 -> r2 -> r3 -> eval to Slurm as an afterok chain; prints the job ids
+	slurm/submit.sh $(PIPELINE)
