@@ -22,8 +22,10 @@ DEMO_PRETRAIN_FLAGS ?= -a resnet18 --image-size 64 --epochs 8 -b 64 --lr 0.03 --
 DEMO_FINETUNE_FLAGS ?= --min-size 224 --max-size 320 --rois-per-image 64 --fpn-channels 128 -b 4 -p 50
 FPN_CHECKPOINT := $(RUN)/fpn/r3/checkpoint_last.pth.tar
 
-# The Slurm jobs `make pipeline` chains; knobs and the site config apply as in slurm/submit.sh.
+# The Slurm jobs `make pipeline` chains, and sbatch options for all of them (e.g. SBATCH_ARGS=--time=1:00:00);
+# knobs and the site config apply as in slurm/submit.sh.
 PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eval_mocov2_fpn
+SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down pipeline
@@ -77,4 +79,4 @@ slurm-down: ## Cancel its jobs and stop the private Slurm cluster
 	$(PYTHON) slurm/local_cluster.py down
 
 pipeline: ## Submit pretrain -> r1 -> r2 -> r3 -> eval to Slurm as an afterok chain; prints the job ids
-	slurm/submit.sh $(PIPELINE)
+	slurm/submit.sh $(PIPELINE) -- $(SBATCH_ARGS)

@@ -8,7 +8,7 @@
 #   unpack_squashfs     data staging, when the site ships squashfs images
 #   run_tasks ARGS...   one task per GPU on every node through srun, then requeue when the time limit is near
 
-log() { echo "$(date '+%F %T') [${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-}] $*"; }
+log() { echo "$(date '+%F %T') ${SLURM_JOB_ID:+[$SLURM_JOB_NAME $SLURM_JOB_ID] }$*"; }
 die() { log "error: $*"; exit 1; }
 
 # The site config: $SITE_CONF, else slurm/site.conf, else the documented example. Its lines keep any value

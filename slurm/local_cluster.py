@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A private, real Slurm cluster on this one machine, for running the job scripts unchanged.
 
-    python3 slurm/local_cluster.py up|down|status [--dir DIR] [--nodes N] [--gpus G] [--partitions a,b,c]
+    python3 slurm/local_cluster.py up|down|status|install [--dir DIR] [--nodes N] [--gpus G] [--partitions a,b,c]
 
 `up` starts munged, slurmctld and one slurmd per node (n1, n2, ...), each declared bigger than the machine
 (32 CPUs, 256 GiB, G fake GPUs) so that the scripts' `#SBATCH` lines are accepted; `source DIR/env.sh` then
@@ -320,7 +320,7 @@ def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("up", "down", "status"))
+    ap.add_argument("command", choices=("up", "down", "status", "install"))
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="cluster directory (default: %(default)s)")
     ap.add_argument("--nodes", type=int, default=2, help="number of nodes n1..nN (default: %(default)s)")
     ap.add_argument("--gpus", type=int, default=4, help="fake GPUs per node (default: %(default)s)")
@@ -329,7 +329,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     d = args.dir.resolve()
     cluster = Cluster(d)
-    if args.command == "up":
+    if args.command == "install":  # what `up` does first; CI calls it on its own
+        _install()
+        print(subprocess.run(["sbatch", "--version"], capture_output=True, text=True, check=True).stdout, end="")
+    elif args.command == "up":
         try:
             start(d, args.nodes, args.gpus, [p for p in args.partitions.split(",") if p])
         except (RuntimeError, ValueError, subprocess.CalledProcessError) as e:

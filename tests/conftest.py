@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end runs (skip locally with -m 'not slow')")
+    config.addinivalue_line("markers", "slurm: jobs on a real local Slurm (skip locally with -m 'not slurm'); "
+                                       "they fail, never skip, when Slurm cannot be started")
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +24,36 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def subprocess_env() -> dict:
-    """Environment for child Python processes: the repository importable, no inherited launcher variables."""
+def _clean_env() -> dict:
+    """os.environ without launcher variables, the repository importable, one thread a process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_"))}
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for child Python processes."""
+    return _clean_env()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private two-node Slurm (n1, n2, 4 fake GPUs each, the example config's partitions) for the session,
+    started by the same code as `make slurm-up` (which installs Slurm when it is missing)."""
+    sys.path.insert(0, str(ROOT / "slurm"))
+    import local_cluster
+
+    cluster = local_cluster.start(tmp_path_factory.mktemp("slurm"), nodes=2, gpus=4)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster) -> dict:
+    """Environment for sbatch: this cluster, this virtualenv's Python in the jobs, no site config of the user."""
+    env = slurm_cluster.env(_clean_env())
+    env.update(PYTHON=sys.executable, SITE_CONF=str(ROOT / "slurm" / "site.conf.example"))
     return env

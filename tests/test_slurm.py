@@ -1,0 +1,204 @@
+"""The job scripts of slurm/ on a real Slurm (a private two-node cluster on this machine, see conftest).
+
+Each test writes into its own directories; jobs are submitted the way users do, from slurm/ or the repository,
+with knobs in the environment and resource options on the sbatch line.
+"""
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from moco import checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["moco_v2", "demo_mocov2_fpn_r1", "demo_mocov2_fpn_r2", "demo_mocov2_fpn_r3", "eval_mocov2_fpn"]
+# Tiny-data settings: the knobs users set the same way (sbatch --export or the environment of submit.sh).
+TINY_MOCO = {"ARCH": "resnet18", "BATCH_SIZE": "32", "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 1"}
+TINY_FPN = {"FPN_BATCH_SIZE": "4", "FPN_EXTRA_ARGS": "--min-size 160 --max-size 256 --rois-per-image 32 "
+            "--fpn-channels 64 --val-batch-size 8 -p 1 --norm sync --trainable-layers 5", "EVAL_EXTRA_ARGS": ""}
+ONE_TASK = ["--gres=gpu:1"]  # one task (on the CPU): the fake GPUs only steer the task count
+
+
+@pytest.fixture
+def job_env(slurm_env, tiny_data, tmp_path):
+    """Knobs for a job on the tiny data, writing to this test's own run and log directories."""
+    return {**slurm_env, "UNLABELED_DIR": str(tiny_data / "train"), "LABELED_ROOT": str(tiny_data / "labeled"),
+            "RUN_DIR": str(tmp_path / "run"), "LOG_DIR": str(tmp_path / "logs"), "WORKERS": "0",
+            "OMP_NUM_THREADS": "2", **TINY_MOCO, **TINY_FPN}
+
+
+def sbatch(env, script, *options, cwd=ROOT / "slurm") -> str:
+    out = subprocess.run(["sbatch", "--parsable", *options, script], env=env, cwd=cwd, check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    return out.strip().split(";")[0]
+
+
+def job_info(env, job_id) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, check=True, capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_done(env, job_id, timeout=300) -> dict:
+    return wait_for(lambda: (info := job_info(env, job_id))["JobState"] in FINAL and info, timeout,
+                    f"job {job_id} to end")
+
+
+def log_of(env, name, job_id) -> str:
+    path = Path(env["LOG_DIR"]) / f"{name}_{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def epochs_logged(path: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if "loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sbatch_test_only_accepts_every_script_as_written(slurm_env, script):
+    """The real #SBATCH lines (partitions of the example config, 4/2/1 GPUs, requeue, signal), from slurm/ and
+    from the repository root."""
+    for cwd, path in ((ROOT / "slurm", f"{script}.slurm"), (ROOT, f"slurm/{script}.slurm")):
+        result = subprocess.run(["sbatch", "--test-only", path], env=slurm_env, cwd=cwd, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"Job \d+ to start at .* on nodes n\d in partition v100-\d", result.stderr), result.stderr
+
+
+def test_full_pipeline_of_the_five_scripts_on_tiny_data(job_env, tiny_data, tmp_path):
+    """make pipeline: pretrain -> r1 -> r2 -> r3 -> eval as an afterok chain. The unlabeled images come as a
+    squashfs image that the pretraining job unpacks, as on the course's cluster."""
+    image = tmp_path / "unlabeled_224.sqsh"
+    subprocess.run(["mksquashfs", str(tiny_data / "train"), str(image), "-no-progress"], check=True,
+                   capture_output=True)
+    env = {**job_env, "UNLABELED_SQSH": str(image), "UNLABELED_DIR": str(tmp_path / "scratch" / "train"),
+           "MOCO_EPOCHS": "2", "R1_EPOCHS": "2", "R1_LR": "0.01", "R2_EPOCHS": "3", "R3_EPOCHS": "4",
+           "PIPELINE": " ".join(SCRIPTS)}
+    start = time.monotonic()
+    out = subprocess.run(["make", "--no-print-directory", "pipeline", "SBATCH_ARGS=--gres=gpu:1"], env=env, cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    ids = dict(line.split() for line in out.splitlines() if line.split()[0] in SCRIPTS)
+    assert list(ids) == SCRIPTS, out
+    info = wait_done(env, ids["eval_mocov2_fpn"], timeout=900)
+    states = {name: job_info(env, job_id)["JobState"] for name, job_id in ids.items()}
+    assert states == dict.fromkeys(SCRIPTS, "COMPLETED"), {n: log_of(env, n, ids[n])[-2000:] for n in SCRIPTS}
+
+    assert sorted(p.name for p in (tmp_path / "scratch" / "train" / "unlabeled").iterdir())[:2] == ["0.PNG", "1.PNG"]
+    run = tmp_path / "run"
+    assert checkpoint.load(run / "moco" / checkpoint.LAST)["epoch"] == 2
+    for stage, end in (("r1", 2), ("r2", 3), ("r3", 4)):
+        assert checkpoint.load(run / "fpn" / stage / checkpoint.LAST)["epoch"] == end
+    evaluation = log_of(env, "eval_mocov2_fpn", ids["eval_mocov2_fpn"])
+    assert evaluation.count("Average Precision  (AP) @[ IoU=") == 6, evaluation
+    assert evaluation.count("Average Recall     (AR) @[ IoU=") == 6
+    assert "cup or mug" in evaluation
+    assert (run / "fpn" / "r3" / "metrics_validation.json").is_file()
+    print(f"pipeline of 5 jobs: {time.monotonic() - start:.0f} s")
+
+
+@pytest.mark.parametrize("options, nodes", [(["--gres=gpu:2"], 1), (["--nodes=2", "--gres=gpu:1"], 2)],
+                         ids=["2-tasks-1-node", "2-nodes"])
+def test_ddp_through_srun(job_env, options, nodes):
+    """One task per (fake) GPU on every node, gloo DDP; the node names do not resolve, so the rendezvous falls
+    back to Slurm's NodeAddr. Submitted from the repository root this time."""
+    env = {**job_env, "EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    job_id = sbatch(env, "slurm/moco_v2.slurm", *options, cwd=ROOT)
+    info = wait_done(env, job_id)
+    log = log_of(env, "moco_v2", job_id)
+    assert info["JobState"] == "COMPLETED", log
+    assert f"srun: {nodes} node(s) x {2 // nodes} task(s)" in log
+    assert "launch slurm: rank 0 of 2" in log
+    assert info["NodeList"] == "n[1-2]" if nodes == 2 else info["NodeList"] in ("n1", "n2")
+    assert checkpoint.load(Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST)["epoch"] == 1
+
+
+def _interrupt_then_finish(env, script, interrupt, progress: str, timeout=600) -> tuple[dict, str]:
+    job_id = sbatch(env, f"{script}.slurm", *ONE_TASK)
+    wait_for(lambda: re.search(progress, log_of(env, script, job_id)), 300, progress, interval=0.2)
+    interrupt(job_id)
+    info = wait_done(env, job_id, timeout)
+    return info, log_of(env, script, job_id)
+
+
+# 64-pixel crops: steps slow enough (~0.3 s) that the interruption lands inside epoch 2, as asserted.
+SLOWER_MOCO = {"MOCO_EXTRA_ARGS": TINY_MOCO["MOCO_EXTRA_ARGS"].replace("32", "64")}
+
+
+def test_scontrol_requeue_mid_pretraining_resumes_from_the_step(job_env):
+    env = {**job_env, **SLOWER_MOCO, "EPOCHS": "3"}
+    info, log = _interrupt_then_finish(
+        env, "moco_v2", lambda job: subprocess.run(["scontrol", "requeue", job], env=env, check=True),
+        r"epoch 1 step [2-5]/8")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "SIGTERM (preemption, requeue or cancel)" in log and "stopped by SIGTERM at step" in log
+    assert re.search(r"resumed from .* at epoch 1 step [1-8] of 3 epochs", log), log
+    run = Path(env["RUN_DIR"]) / "moco"
+    assert epochs_logged(run / "metrics.jsonl") == [1, 2, 3]  # no epoch lost or trained twice
+    for path in run.glob("checkpoint_*.pth.tar"):  # every file complete and readable
+        assert checkpoint.load(path)["epoch"] in (1, 2, 3)
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_scontrol_requeue_mid_r1_resumes_from_the_step(job_env, tmp_path):
+    backbone = _tiny_backbone(job_env)
+    env = {**job_env, "BACKBONE": str(backbone), "EPOCHS": "3", "LR": "0.01"}
+    info, log = _interrupt_then_finish(
+        env, "demo_mocov2_fpn_r1", lambda job: subprocess.run(["scontrol", "requeue", job], env=env, check=True),
+        r"epoch 1 step [2-8]/12")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert re.search(r"stage r1 \(resume from .*\): epochs 1\.\.2 \(from step \d+\)", log), log
+    stage = Path(env["RUN_DIR"]) / "fpn" / "r1"
+    assert [json.loads(line)["epoch"] for line in (stage / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    final = checkpoint.load(stage / checkpoint.LAST)
+    assert (final["epoch"], final["step"], final["lr_scheduler"]["last_epoch"]) == (3, 0, 36)  # 3 epochs x 12 steps
+
+
+def _tiny_backbone(env) -> Path:
+    job_id = sbatch({**env, "EPOCHS": "1"}, "moco_v2.slurm", *ONE_TASK)
+    assert wait_done(env, job_id)["JobState"] == "COMPLETED", log_of(env, "moco_v2", job_id)
+    return Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(job_env):
+    """What --signal=B:USR1@300 does before the time limit, delivered now with scancel."""
+    env = {**job_env, **SLOWER_MOCO, "EPOCHS": "3"}
+    info, log = _interrupt_then_finish(
+        env, "moco_v2",
+        lambda job: subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True),
+        r"epoch 1 step [2-5]/8")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    order = ["time limit near", "stopped by SIGUSR1 at step", "requeueing job", "restart 1",
+             "resumed from", "epoch 3/3 done"]
+    positions = [log.find(marker) for marker in order]
+    assert -1 not in positions and positions == sorted(positions), log
+    assert epochs_logged(Path(env["RUN_DIR"]) / "moco" / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_failing_stage_cancels_the_stages_after_it(job_env, tmp_path):
+    env = {**job_env, "BACKBONE": str(tmp_path / "missing.pth.tar")}
+    out = subprocess.run([str(ROOT / "slurm" / "submit.sh"), *SCRIPTS[1:], "--", *ONE_TASK], env=env, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    ids = dict(line.split() for line in out.splitlines())
+    assert wait_done(env, ids["demo_mocov2_fpn_r1"])["JobState"] == "FAILED"
+    for name in SCRIPTS[2:]:
+        assert wait_done(env, ids[name], timeout=60)["JobState"] == "CANCELLED", name
+    log = log_of(env, "demo_mocov2_fpn_r1", ids["demo_mocov2_fpn_r1"])
+    assert f"{tmp_path / 'missing.pth.tar'}: no such checkpoint" in log
+    assert not any(log_of(env, name, ids[name]) for name in SCRIPTS[2:])  # never started
