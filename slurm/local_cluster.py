@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     cluster = Cluster(d)
     if args.command == "install":  # what `up` does first; CI calls it on its own
         _install()
-        print(subprocess.run(["sbatch", "--version"], capture_output=True, text=True, check=True).stdout, end="")
+        print("installed:", ", ".join(shutil.which(c) for c in COMMANDS))
     elif args.command == "up":
         try:
             start(d, args.nodes, args.gpus, [p for p in args.partitions.split(",") if p])
