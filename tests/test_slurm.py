@@ -5,6 +5,7 @@ with knobs in the environment and resource options on the sbatch line.
 """
 import json
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -125,6 +126,8 @@ def test_ddp_through_srun(job_env, options, nodes):
     assert info["JobState"] == "COMPLETED", log
     assert f"srun: {nodes} node(s) x {2 // nodes} task(s)" in log
     assert "launch slurm: rank 0 of 2" in log
+    with pytest.raises(socket.gaierror):  # so the tasks met at n1's NodeAddr
+        socket.getaddrinfo("n1", None)
     assert info["NodeList"] == "n[1-2]" if nodes == 2 else info["NodeList"] in ("n1", "n2")
     assert checkpoint.load(Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST)["epoch"] == 1
 
