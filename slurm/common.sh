@@ -90,7 +90,12 @@ on_terminate() {
 run_tasks() {
     # One task per GPU; without GPUs (--gres=none) one per node. TASKS_PER_NODE overrides both.
     local per_node=${TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-    local cpus=$(( ${SLURM_CPUS_ON_NODE:-1} / per_node ))
+    # CPUs a task: the allocation's share, but never more than the cores this node really lets the job use
+    # (oversubscribed BLAS threads crawl; a test cluster may declare more CPUs than it has).
+    local cores
+    cores=$(nproc)
+    (( ${SLURM_CPUS_ON_NODE:-1} < cores )) && cores=${SLURM_CPUS_ON_NODE:-1}
+    local cpus=$(( cores / per_node ))
     (( cpus > 0 )) || cpus=1
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
     log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each: ${CONTAINER:+$CONTAINER }$PYTHON $*"
