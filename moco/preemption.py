@@ -33,9 +33,9 @@ def _handler(signum, frame) -> None:
     _received.append(signum)
 
 
-def install() -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, _handler)
+def install(signals=SIGNALS) -> dict:
+    """Make each of ``signals`` request a stop; returns the handlers they had."""
+    return {sig: signal.signal(sig, _handler) for sig in signals}
 
 
 def signal_name() -> str:

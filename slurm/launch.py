@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Submit the pipeline through submitit: what
+`slurm/submit.sh moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eval_mocov2_fpn` does, in Python.
+
+    .venv/bin/python slurm/launch.py [--stages moco,r1,r2,r3,eval] [--after JOBID] [--nodes N]
+                                     [--gpus-per-node G] [--timeout-min M] [--folder DIR]
+
+The same site config (read by bash through common.sh), the same knobs in the environment (R1_EPOCHS=2,
+FPN_EXTRA_ARGS=..., WORKERS=...), the same command lines, outputs and resources as the job scripts; the stages
+are chained afterok, a failed one cancels those after it. Prints "<stage> <job id>" per job; submitit's files and
+each job's log (<job id>_0_log.out/.err) go to --folder, default $LOG_DIR/submitit.
+
+Time limit and preemption: Slurm sends SIGUSR2 (submitit's signal) before the time limit, and on preemption where
+SlurmctldParameters has preempt_send_user_signal; SIGTERM on preemption, requeue or cancel. In a training stage
+either one stops the run at the next step with checkpoint_last, as in the shell path (moco.preemption); after
+SIGUSR2 the job then requeues itself through submitit's own handler, after SIGTERM Slurm requeues it (or it was
+cancelled, and fails with status 75). The rerun calls the same main with the same argv, which resumes from
+checkpoint_last. Evaluation has no step-level stop: submitit requeues it at once and it starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import submitit
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: moco/ and demo/ must import
+
+from moco import preemption  # noqa: E402
+from moco.logger import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("slurm.launch")
+
+CPUS_PER_TASK = 6  # the scripts' --cpus-per-gpu=6, one task per GPU
+MEM_PER_GPU = "30G"
+# The shell path requeues without limit; submitit counts time-outs (not preemptions) and needs a bound.
+MAX_TIMEOUTS = 20
+
+
+@dataclass(frozen=True)
+class Stage:
+    script: str  # the job script it replaces: job name, as in squeue and submit.sh
+    module: str
+    knob_stage: str  # STAGE and GROUP of common.sh's knob
+    knob_group: str
+    partition: str  # the site config's variable
+    gpus: int
+    hours: int
+    warn_s: int | None  # the script's --signal lead time; None: no step-level stop (evaluation)
+    data: tuple[str, str]  # (squashfs image, directory) variables: the job unpacks the image when one is set
+    knobs: dict[str, str]  # name -> default, "{RUN_DIR}" fields filled from the config
+    argv: Callable[[dict], list[str]]  # from the config and the knobs: what the script passes to python -m
+
+
+def _finetune(stage: str, epochs: int) -> Stage:
+    backbone = {"BACKBONE": "{RUN_DIR}/moco/checkpoint_last.pth.tar"} if stage == "r1" else {}
+    return Stage(
+        f"demo_mocov2_fpn_{stage}", "demo.train", stage.upper(), "FPN", "FINETUNE_PARTITION", 2, 24, 900,
+        ("LABELED_SQSH", "LABELED_ROOT"),
+        {**backbone, "EPOCHS": str(epochs), "BATCH_SIZE": "4", "LR": "", "WORKERS": "4", "EXTRA_ARGS": ""},
+        lambda v: ["--stage", stage, *(["--bp", v["BACKBONE"]] if backbone else []), "--dataset-root",
+                   v["LABELED_ROOT"], "--output-dir", f"{v['RUN_DIR']}/fpn", "--epochs", v["EPOCHS"],
+                   "-b", v["BATCH_SIZE"], *(["--lr", v["LR"]] if v["LR"] else []), "-j", v["WORKERS"],
+                   *v["EXTRA_ARGS"].split()])  # split(): bash's word splitting of the unquoted $EXTRA_ARGS
+
+
+STAGES = {
+    "moco": Stage(
+        "moco_v2", "moco.train", "MOCO", "", "PRETRAIN_PARTITION", 4, 24, 300, ("UNLABELED_SQSH", "UNLABELED_DIR"),
+        {"ARCH": "resnet50", "EPOCHS": "100", "BATCH_SIZE": "128", "LR": "0.015", "WORKERS": "5", "EXTRA_ARGS": ""},
+        lambda v: [v["UNLABELED_DIR"], "--output-dir", f"{v['RUN_DIR']}/moco", "-a", v["ARCH"], "--epochs",
+                   v["EPOCHS"], "-b", v["BATCH_SIZE"], "--lr", v["LR"], "-j", v["WORKERS"], "--mlp", "--moco-t",
+                   "0.2", "--aug-plus", "--cos", *v["EXTRA_ARGS"].split()]),
+    "r1": _finetune("r1", 23),
+    "r2": _finetune("r2", 27),
+    "r3": _finetune("r3", 37),
+    "eval": Stage(
+        "eval_mocov2_fpn", "demo.evaluate", "EVAL", "", "EVAL_PARTITION", 1, 2, None, ("LABELED_SQSH", "LABELED_ROOT"),
+        {"CHECKPOINT": "{RUN_DIR}/fpn/r3/checkpoint_last.pth.tar", "SPLIT": "validation", "BATCH_SIZE": "8",
+         "WORKERS": "4", "EXTRA_ARGS": ""},
+        lambda v: ["--checkpoint-path", v["CHECKPOINT"], "--dataset-root", v["LABELED_ROOT"], "--dataset-split",
+                   v["SPLIT"], "-b", v["BATCH_SIZE"], "-j", v["WORKERS"], *v["EXTRA_ARGS"].split()]),
+}
+
+
+def read_config() -> dict[str, str]:
+    """The environment after common.sh's load_config, as a job script sees it: bash sources the site config, so it
+    has a single reader and keeps its rule that values already in the environment win. `set -a` exports what the
+    file assigns, so that `env -0` lists it."""
+    script = 'source "$REPO/slurm/common.sh" && set -a && load_config >&2 && env -0'
+    done = subprocess.run(["bash", "-c", script], env={**os.environ, "REPO": str(REPO)}, stdout=subprocess.PIPE)
+    if done.returncode:
+        raise SystemExit(f"reading the site config failed (status {done.returncode}, see above)")
+    return dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
+
+
+def knob(cfg: dict[str, str], stage: str, group: str, name: str, default: str) -> str:
+    """common.sh's knob: $<STAGE>_<NAME>, then $<GROUP>_<NAME>, then $<NAME>; set counts, even when empty."""
+    for key in (f"{stage}_{name}", *([f"{group}_{name}"] if group else []), name):
+        if key in cfg:
+            return cfg[key]
+    return default
+
+
+def stage_argv(stage: Stage, cfg: dict[str, str]) -> list[str]:
+    values = {**cfg, **{name: knob(cfg, stage.knob_stage, stage.knob_group, name, default.format(**cfg))
+                        for name, default in stage.knobs.items()}}
+    log.info("%s knobs: %s", stage.script, " ".join(f"{name}={values[name]!r}" for name in stage.knobs))
+    return stage.argv(values)
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """`python -m <module> <argv>` as one task of a job, in-process. The inherited checkpoint() resubmits this same
+    object, so a requeued job calls main with the same argv, and main resumes from checkpoint_last."""
+
+    def __init__(self, module: str, argv: list[str], stops_at_step: bool):
+        self.module, self.argv, self.stops_at_step = module, argv, stops_at_step
+
+    def __call__(self) -> None:
+        # The batch script's setup made REPO the working directory and put it on PYTHONPATH (see submit()), before
+        # this object was unpickled. Handlers go first: a signal while torch imports must not kill the task.
+        time_limit = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        if self.stops_at_step:
+            # submitit's handler would requeue at once, losing the steps since the last checkpoint: keep it for
+            # after the step-level checkpoint. SIGTERM and SIGUSR1 set the same flag, polled at every step.
+            requeue = preemption.install((time_limit, *preemption.SIGNALS))[time_limit]
+        logging.getLogger("submitit").propagate = False  # it has its own handlers: main's would print it twice
+        try:
+            importlib.import_module(self.module).main(self.argv)
+        except SystemExit as exc:
+            if exc.code != preemption.EXIT_REQUEUE:  # an error message: a result submitit reports as the failure
+                raise RuntimeError(f"python -m {self.module} exited: {exc.code}") from exc
+            if preemption.signal_name() == time_limit.name:
+                log.warning("checkpoint saved after %s (time limit near): requeueing through submitit",
+                            time_limit.name)
+                requeue(time_limit, None)  # rank 0: checkpoint(), scontrol requeue, exit; other ranks return
+            # Exit 75 with no result: the job fails unless requeued (by rank 0 or by Slurm after a preemption), so
+            # afterok never lets the next stage start on an unfinished one.
+            raise
+        # main's return value (a whole model for moco.train) stays out of the result pickle: outputs are in RUN_DIR.
+
+
+def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> list[tuple[str, submitit.Job]]:
+    # The batch script's shell, before the tasks start, as job_start and run_tasks set it up.
+    setup = [f"eval {shlex.quote(cfg['ENV_SETUP'])} || {{ echo 'ENV_SETUP failed' >&2; exit 1; }}"] \
+        if cfg.get("ENV_SETUP") else []
+    setup += [f"cd {shlex.quote(str(REPO))} || exit 1",
+              f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+              # Threads a task: its CPUs, capped like run_tasks at the cores the node really gives.
+              "cpus=$(( $(nproc) / SLURM_NTASKS_PER_NODE )); (( cpus <= SLURM_CPUS_PER_TASK )) || "
+              "cpus=$SLURM_CPUS_PER_TASK; (( cpus > 0 )) || cpus=1",
+              "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}"]
+    python = " ".join(filter(None, [cfg.get("CONTAINER"), shlex.quote(cfg["PYTHON"])]))  # CONTAINER: a prefix
+    extra = {}
+    for option in cfg.get("SBATCH_EXTRA", "").split():
+        name, _, value = option.partition("=")
+        if not name.startswith("--"):
+            raise SystemExit(f"SBATCH_EXTRA: {option!r}: write sbatch options as --name=value or --flag")
+        extra[name[2:]] = value or True
+    folder = args.folder or Path(cfg.get("LOG_DIR") or REPO / "slurm" / "logs") / "submitit"
+
+    jobs, after = [], args.after
+    for name in names:
+        stage = STAGES[name]
+        argv = stage_argv(stage, cfg)
+        gpus = stage.gpus if args.gpus_per_node is None else args.gpus_per_node
+        image, directory = (cfg.get(var, "") for var in stage.data)
+        unpack = [f"source {shlex.quote(str(REPO / 'slurm' / 'common.sh'))}",
+                  f"unpack_squashfs {shlex.quote(image)} {shlex.quote(directory)}"] if image else []
+        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_python=python,
+                                         slurm_max_num_timeout=MAX_TIMEOUTS)
+        executor.update_parameters(  # None: not set (submitit drops it)
+            name=stage.script, nodes=args.nodes, tasks_per_node=max(gpus, 1), gpus_per_node=gpus or None,
+            cpus_per_task=CPUS_PER_TASK, timeout_min=args.timeout_min or stage.hours * 60,
+            slurm_mem_per_gpu=MEM_PER_GPU if gpus else None, slurm_partition=cfg[stage.partition],
+            slurm_account=cfg.get("ACCOUNT") or None, slurm_setup=setup + unpack,
+            slurm_signal_delay_s=stage.warn_s, slurm_dependency=f"afterok:{after}" if after else None,
+            slurm_additional_parameters={"requeue": True, **({"kill-on-invalid-dep": "yes"} if after else {}),
+                                         **extra})
+        job = executor.submit(StageJob(stage.module, argv, stops_at_step=stage.warn_s is not None))
+        log.info("%s: job %s, python -m %s %s", stage.script, job.job_id, stage.module, shlex.join(argv))
+        print(name, job.job_id, flush=True)  # at once, as submit.sh: a later failure leaves these ids known
+        jobs.append((name, job))
+        after = job.job_id
+    return jobs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="stages to submit, in pipeline order, each after the one before (default: %(default)s)")
+    p.add_argument("--after", metavar="JOBID", help="the first stage waits for this job to succeed")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, help="default: the scripts' 4 (moco), 2 (r1-r3), 1 (eval); one "
+                                                     "task per GPU; 0: one CPU task per node, no GPU")
+    p.add_argument("--timeout-min", type=int, help="default: the scripts' 24 h, 2 h for eval")
+    p.add_argument("--folder", type=Path, help="submitit's folder (default: $LOG_DIR/submitit)")
+    args = p.parse_args(argv)
+    args.stages = args.stages.split(",")
+    if any(s not in STAGES for s in args.stages) or args.stages != sorted(set(args.stages), key=list(STAGES).index):
+        p.error(f"--stages {','.join(args.stages)}: a subset of {','.join(STAGES)}, in this order")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, submitit.Job]]:
+    args = parse_args(argv)
+    cfg = read_config()
+    log.info("config %s", cfg["SITE_CONF"])
+    return submit(args.stages, cfg, args)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    logging.getLogger().handlers[0].setStream(sys.stderr)  # stdout carries only the job ids, as submit.sh's
+    main()

@@ -1,0 +1,159 @@
+"""slurm/launch.py, the submitit launcher: the same config, knobs and command lines as the job scripts, and a real
+chain of jobs on the private Slurm of conftest (submitit calls sbatch in this process: the environment is
+os.environ, set through monkeypatch)."""
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from moco import checkpoint
+from slurm import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# r1 on a 1-epoch backbone diverges with the recipe's lr and frozen BatchNorm (as in test_demo_train), and bf16
+# autocast on this CPU is 5x slower than fp32.
+TINY = {"ARCH": "resnet18", "BATCH_SIZE": "32", "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 0",
+        "MOCO_EPOCHS": "1", "FPN_BATCH_SIZE": "4", "R1_EPOCHS": "1", "R1_LR": "0.01", "WORKERS": "0",
+        "FPN_EXTRA_ARGS": "--min-size 160 --max-size 256 --rois-per-image 32 --fpn-channels 64 -p 0 --val-batch-size 8 "
+                          "--norm sync --trainable-layers 5 --precision off"}
+
+
+def _set_environ(monkeypatch, env: dict) -> None:
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_knob_resolution_order_matches_common_sh():
+    cfg = {"R1_EPOCHS": "2", "FPN_EPOCHS": "5", "EPOCHS": "9", "FPN_LR": "", "LR": "0.1", "MOCO_WORKERS": "1",
+           "WORKERS": "3", "EVAL_SPLIT": ""}
+    cases = [("R1", "FPN", "EPOCHS", "23"), ("R2", "FPN", "EPOCHS", "27"), ("MOCO", "", "EPOCHS", "100"),
+             ("R3", "FPN", "LR", ""), ("MOCO", "", "LR", "0.015"), ("MOCO", "", "WORKERS", "5"),
+             ("R2", "FPN", "WORKERS", "4"), ("EVAL", "", "SPLIT", "validation"), ("EVAL", "", "ARCH", "resnet50")]
+    script = 'source slurm/common.sh; STAGE=$1 GROUP=$2; knob "$3" "$4" >/dev/null; printf %s "${!3}"'
+    for stage, group, name, default in cases:
+        shell = subprocess.run(["bash", "-c", script, "knob", stage, group, name, default], cwd=ROOT, check=True,
+                               env={"PATH": os.environ["PATH"], **cfg}, capture_output=True, text=True).stdout
+        assert launch.knob(cfg, stage, group, name, default) == shell, (stage, group, name)
+
+
+def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
+    """Each .slurm script run by bash with a fake srun that records its command: the launcher builds the same
+    argv from the same site config and knobs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >"$SRUN_RECORD"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SITE_CONF": str(ROOT / "slurm" / "site.conf.example"),
+           "PYTHON": "/opt/python", "LOG_DIR": str(tmp_path / "logs"), "RUN_DIR": str(tmp_path / "run dir"),
+           "SLURM_SUBMIT_DIR": str(ROOT / "slurm"), "SLURM_JOB_ID": "7", "SRUN_RECORD": str(tmp_path / "argv"),
+           "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0", "WORKERS": "3"}
+    _set_environ(monkeypatch, env)
+    cfg = launch.read_config()
+    assert cfg["PRETRAIN_PARTITION"] == "v100-4" and cfg["RUN_DIR"] == env["RUN_DIR"]
+    for stage in launch.STAGES.values():
+        subprocess.run(["bash", f"{stage.script}.slurm"], cwd=ROOT / "slurm", check=True,
+                       env={**env, "SLURM_JOB_NAME": stage.script})
+        recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
+        python = recorded.index("/opt/python")
+        assert recorded[python + 1:] == ["-m", stage.module, *launch.stage_argv(stage, cfg)], stage.script
+
+
+def job_info(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_done(job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (info := job_info(job_id))["JobState"] not in FINAL:
+        assert time.monotonic() < deadline, f"job {job_id} still {info['JobState']} after {timeout:.0f} s"
+        time.sleep(0.5)
+    return info
+
+
+def logs(job) -> str:
+    return "".join(p.read_text() for p in (job.paths.stdout, job.paths.stderr) if p.exists())
+
+
+@pytest.fixture
+def launch_env(slurm_env, tiny_data, tmp_path, monkeypatch) -> dict:
+    env = {**slurm_env, **TINY, "UNLABELED_DIR": str(tiny_data / "train"),
+           "LABELED_ROOT": str(tiny_data / "labeled"), "RUN_DIR": str(tmp_path / "run"),
+           "LOG_DIR": str(tmp_path / "logs")}
+    del env["OMP_NUM_THREADS"]  # the jobs pick their threads: 6 CPUs a task, capped at this machine's cores
+    _set_environ(monkeypatch, env)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_pretraining_then_r1_as_an_afterok_chain(launch_env, capsys):
+    jobs = launch.main(["--stages", "moco,r1", "--gpus-per-node", "1"])
+    ids = {name: job.job_id for name, job in jobs}
+    assert capsys.readouterr().out == f"moco {ids['moco']}\nr1 {ids['r1']}\n"
+    assert Path(launch_env["LOG_DIR"], "submitit").is_dir()
+    sbatch_r1 = jobs[1][1].paths.submission_file.read_text()
+    assert f"--dependency=afterok:{ids['moco']}" in sbatch_r1 and "--kill-on-invalid-dep=yes" in sbatch_r1
+
+    infos = {name: wait_done(job_id, 150) for name, job_id in ids.items()}
+    assert {name: info["JobState"] for name, info in infos.items()} == {"moco": "COMPLETED", "r1": "COMPLETED"}, \
+        {name: logs(job)[-3000:] for name, job in jobs}
+    assert (infos["moco"]["Partition"], infos["r1"]["Partition"]) == ("v100-4", "v100-2")
+    assert all(info["NumTasks"] == "1" and info["NumCPUs"] == "6" for info in infos.values())
+    assert [job.result() for _, job in jobs] == [None, None]
+    run = Path(launch_env["RUN_DIR"])
+    assert checkpoint.load(run / "moco" / checkpoint.LAST)["epoch"] == 1
+    assert checkpoint.load(run / "fpn" / "r1" / checkpoint.LAST)["epoch"] == 1
+
+
+def _slow_pretraining(monkeypatch, stages: str) -> list:
+    """Submit 3 epochs of 64-pixel crops (steps of ~0.3 s) and return once the second epoch is under way."""
+    monkeypatch.setenv("MOCO_EXTRA_ARGS", "--image-size 64 --moco-k 256 --bn-splits 4 -p 1")
+    monkeypatch.setenv("MOCO_EPOCHS", "3")
+    jobs = [job for _, job in launch.main(["--stages", stages, "--gpus-per-node", "1"])]
+    deadline = time.monotonic() + 120
+    while not re.search(r"epoch 1 step [2-5]/8", logs(jobs[0])):
+        assert time.monotonic() < deadline and job_info(jobs[0].job_id)["JobState"] not in FINAL, logs(jobs[0])
+        time.sleep(0.2)
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("command, stopped_by, through_submitit", [
+    (["scancel", "--signal=USR2"], "SIGUSR2", True),  # what submitit's --signal=USR2@300 sends near the time limit
+    (["scontrol", "requeue"], "SIGTERM", False),  # a preemption that requeues: Slurm sends SIGTERM and requeues
+], ids=["time-limit-signal", "scontrol-requeue"])
+def test_interrupted_pretraining_checkpoints_at_the_step_and_resumes(launch_env, monkeypatch, command, stopped_by,
+                                                                   through_submitit):
+    [job] = _slow_pretraining(monkeypatch, "moco")
+    subprocess.run([*command, job.job_id], check=True)
+    info = wait_done(job.job_id, 180)
+    log = logs(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert re.search(rf"stopped by {stopped_by} at step [1-8]", log), log
+    assert re.search(r"resumed from .* at epoch 1 step [1-8] of 3 epochs", log), log
+    assert ("Requeued job" in log) == through_submitit, log
+    metrics = Path(launch_env["RUN_DIR"]) / "moco" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records if "loss" in r] == [1, 2, 3]  # no epoch lost or trained twice
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_stopped_stage_is_no_success_for_the_next(launch_env, monkeypatch):
+    """SIGTERM that no requeue follows: the checkpoint is saved, status 75 fails the job, r1 never starts."""
+    moco, r1 = _slow_pretraining(monkeypatch, "moco,r1")
+    subprocess.run(["scancel", "--signal=TERM", moco.job_id], check=True)
+    info = wait_done(moco.job_id, 60)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), logs(moco)
+    assert wait_done(r1.job_id, 30)["JobState"] == "CANCELLED"
+    assert checkpoint.load(Path(launch_env["RUN_DIR"]) / "moco" / checkpoint.LAST)["step"] > 0
