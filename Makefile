@@ -63,8 +63,8 @@ evaluate: $(STAMP) ## COCO AP/AR of the fine-tuned demo detector on the validati
 
 demo: finetune evaluate ## The main job end to end on the tiny dataset: pretrain, r1, r2, r3, evaluate
 
-test: $(STAMP) ## Run the whole test suite
-	$(PY) -m pytest tests
+test: $(STAMP) ## Run the whole test suite (PYTEST_ARGS="-m 'not slurm'" and the like pass through)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Run the tests without the slow tier (multi-process, end to end)
 	$(PY) -m pytest -m "not slow" tests
