@@ -66,7 +66,7 @@ demo: finetune evaluate ## The main job end to end on the tiny dataset: pretrain
 test: $(STAMP) ## Run the whole test suite (PYTEST_ARGS="-m 'not slurm'" and the like pass through)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Run the tests without the slow tier (multi-process, end to end)
+test-fast: $(STAMP) ## Run the tests without the slow tier (multi-process, end to end, real Slurm)
 	$(PY) -m pytest -m "not slow" tests
 
 clean: ## Remove generated data and runs (keeps .venv)

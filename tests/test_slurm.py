@@ -4,9 +4,12 @@ Each test writes into its own directories; jobs are submitted the way users do, 
 with knobs in the environment and resource options on the sbatch line.
 """
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,3 +208,28 @@ def test_failing_stage_cancels_the_stages_after_it(job_env, tmp_path):
     log = log_of(env, "demo_mocov2_fpn_r1", ids["demo_mocov2_fpn_r1"])
     assert f"{tmp_path / 'missing.pth.tar'}: no such checkpoint" in log
     assert not any(log_of(env, name, ids[name]) for name in SCRIPTS[2:])  # never started
+
+
+def test_slurm_up_and_down_stop_only_their_own_daemons(tmp_path):
+    """make slurm-up / slurm-down: a process that merely looks like a Slurm daemon survives `down`."""
+    decoy = subprocess.Popen(["bash", "-c", "exec -a slurmd sleep 300"])
+    cli = [sys.executable, str(ROOT / "slurm" / "local_cluster.py")]
+    where = ["--dir", str(tmp_path / "cluster"), "--nodes", "1"]
+    try:
+        up = subprocess.run([*cli, "up", *where], check=True, capture_output=True, text=True, timeout=120).stdout
+        assert f"source {tmp_path / 'cluster' / 'env.sh'}" in up
+        pids = json.loads((tmp_path / "cluster" / "pids.json").read_text())
+        assert set(pids) == {"munged", "slurmctld", "slurmd-n1"}
+        conf = {"SLURM_CONF": str(tmp_path / "cluster" / "slurm.conf")}
+        job = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 300"], env={**os.environ, **conf},
+                             check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        subprocess.run([*cli, "down", *where], check=True, capture_output=True, timeout=120)
+        for pid in pids.values():  # gone, or a zombie waiting for an init that does not reap
+            assert not os.path.exists(f"/proc/{pid}") or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+        assert decoy.poll() is None
+        assert job and not (tmp_path / "cluster" / "pids.json").exists()
+        again = subprocess.run([*cli, "down", *where], check=True, capture_output=True, text=True, timeout=60)
+        assert "no Slurm cluster running" in again.stdout
+    finally:
+        decoy.send_signal(signal.SIGTERM)
+        decoy.wait()
