@@ -1,12 +1,12 @@
 # shellcheck shell=bash
-# Shared by the job scripts in slurm/ and by submit.sh; sourced, never run. Functions only.
+# Shared by the job scripts in slurm/ and by submit.sh; sourced, never run.
 #
 # A job script finds the repository (REPO) from $SLURM_SUBMIT_DIR, sources this file and calls, in order:
 #   job_start STAGE [GROUP]  log file, site config, environment, and the signal traps
 #   knob NAME DEFAULT        each tunable: $<STAGE>_NAME, $<GROUP>_NAME, $NAME, else DEFAULT; so R1_EPOCHS=2 is
 #                            r1's alone, FPN_EXTRA_ARGS all three fine-tuning stages', WORKERS every job's
-#   unpack_squashfs     data staging, when the site ships squashfs images
-#   run_tasks ARGS...   one task per GPU on every node through srun, then requeue when the time limit is near
+#   unpack_squashfs IMAGE DEST  data staging, when the site ships squashfs images
+#   run_tasks ARGS...        one task per GPU on every node through srun, then requeue when the time limit is near
 
 log() { echo "$(date '+%F %T') ${SLURM_JOB_ID:+[$SLURM_JOB_NAME $SLURM_JOB_ID] }$*"; }
 die() { log "error: $*"; exit 1; }
@@ -26,16 +26,12 @@ load_config() {
 }
 
 knob() {
-    local name=$1 default=$2 source
-    for source in "${STAGE}_$1" ${GROUP:+"${GROUP}_$1"} "$1"; do
-        if [[ -n ${!source+x} ]]; then
-            printf -v "$name" '%s' "${!source}"
-            log "  $name=${!name}"
-            return
-        fi
+    local name=$1 value=$2 source
+    for source in "$1" ${GROUP:+"${GROUP}_$1"} "${STAGE}_$1"; do  # least specific first: the most specific wins
+        [[ -n ${!source+x} ]] && value=${!source}
     done
-    printf -v "$name" '%s' "$default"
-    log "  $name=${!name}"
+    printf -v "$name" '%s' "$value"
+    log "  $name=$value"
 }
 
 job_start() {
@@ -87,7 +83,15 @@ on_terminate() {
     [[ -n $TASKS_PID ]] && kill -TERM "$TASKS_PID" 2>/dev/null
 }
 
+requeue() {
+    log "$1: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+    exit 0
+}
+
 run_tasks() {
+    # A warning during data staging: requeue now rather than start work that cannot finish.
+    (( WARNED )) && requeue "time limit near before the tasks started"
     # One task per GPU; without GPUs (--gres=none) one per node. TASKS_PER_NODE overrides both.
     local per_node=${TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     # CPUs a task: the allocation's share, but never more than the cores this node really lets the job use
@@ -109,11 +113,8 @@ run_tasks() {
     wait "$TASKS_PID"
     local status=$?
     TASKS_PID=
-    if (( status == 75 && WARNED )); then  # 75: checkpointed, not finished (moco/preemption.py)
-        log "checkpoint saved: requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
-        exit 0
-    fi
+    # 75: checkpointed, not finished (moco/preemption.py)
+    (( status == 75 && WARNED )) && requeue "checkpoint saved"
     log "tasks ended with status $status"
     return "$status"
 }

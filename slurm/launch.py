@@ -86,7 +86,7 @@ STAGES = {
     "r3": _finetune("r3", 37),
     "eval": Stage(
         "eval_mocov2_fpn", "demo.evaluate", "EVAL", "", "EVAL_PARTITION", 1, 2, None, ("LABELED_SQSH", "LABELED_ROOT"),
-        {"CHECKPOINT": "{RUN_DIR}/fpn/r3/checkpoint_last.pth.tar", "SPLIT": "validation", "BATCH_SIZE": "8",
+        {"CHECKPOINT": "{RUN_DIR}/fpn/r3/checkpoint_last.pth.tar", "SPLIT": "validation", "BATCH_SIZE": "4",
          "WORKERS": "4", "EXTRA_ARGS": ""},
         lambda v: ["--checkpoint-path", v["CHECKPOINT"], "--dataset-root", v["LABELED_ROOT"], "--dataset-split",
                    v["SPLIT"], "-b", v["BATCH_SIZE"], "-j", v["WORKERS"], *v["EXTRA_ARGS"].split()]),
