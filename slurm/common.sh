@@ -102,7 +102,8 @@ run_tasks() {
     local cpus=$(( cores / per_node ))
     (( cpus > 0 )) || cpus=1
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
-    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each: ${CONTAINER:+$CONTAINER }$PYTHON $*"
+    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each:" \
+        "${CONTAINER:+$CONTAINER }$PYTHON $*"
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
     srun --ntasks-per-node="$per_node" --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
         $CONTAINER "$PYTHON" "$@" &

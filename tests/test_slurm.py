@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["moco_v2", "demo_mocov2_fpn_r1", "demo_mocov2_fpn_r2", "demo_mocov2_fpn_r3", "eval_mocov2_fpn"]
 # Tiny-data settings: the knobs users set the same way (sbatch --export or the environment of submit.sh).
-TINY_MOCO = {"ARCH": "resnet18", "MOCO_BATCH_SIZE": "32", "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 1"}
+TINY_MOCO = {"ARCH": "resnet18", "MOCO_BATCH_SIZE": "32",
+             "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 1"}
 TINY_FPN = {"FPN_BATCH_SIZE": "4", "FPN_EXTRA_ARGS": "--min-size 160 --max-size 256 --rois-per-image 32 "
             "--fpn-channels 64 -p 1 --norm sync --trainable-layers 5"}
 ONE_TASK = ["--gres=gpu:1"]  # one task (on the CPU): the fake GPUs only steer the task count
