@@ -4,7 +4,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+
+# The torch build, chosen in one place: TORCH_BUILD and the GPU architectures it must carry (CUDA_ARCHS) come from
+# the site config (slurm/site.conf, else the example; the environment or `make TORCH_BUILD=...` wins). Each build is
+# PyPI's default wheel of that torch release, read from the wheel itself (see "GPUs" in the README):
+#   cu128  torch 2.10 / CUDA 12.8: kernels sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120 (V100 .. Blackwell); R525+
+#          drivers through CUDA's minor-version compatibility, R570+ natively.
+#   cu132  torch 2.15 / CUDA 13.2: sm_75 .. sm_120, no V100; R580+ drivers.
+SITE_CONF ?= $(firstword $(wildcard slurm/site.conf) slurm/site.conf.example)
+site_value = $(shell REPO="$(CURDIR)" bash -c 'source "$(SITE_CONF)" >/dev/null 2>&1; echo "$$$(1)"')
+TORCH_BUILD ?= $(or $(call site_value,TORCH_BUILD),cu128)
+CUDA_ARCHS ?= $(call site_value,CUDA_ARCHS)
+export CUDA_ARCHS
+TORCH_PINS_cu128 := torch==2.10.0 torchvision==0.25.0
+TORCH_PINS_cu132 := torch==2.15.0 torchvision==0.29.2
+TORCH_PINS := $(or $(TORCH_PINS_$(TORCH_BUILD)),$(error TORCH_BUILD=$(TORCH_BUILD): one of cu128, cu132))
+STAMP := $(VENV)/.installed-$(TORCH_BUILD)
 
 DATA ?= data/tiny
 RUN ?= runs/demo
@@ -28,7 +43,7 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down pipeline
+.PHONY: help venv doctor data pretrain finetune evaluate demo test test-fast clean slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -37,10 +52,15 @@ $(STAMP): requirements.txt requirements-test.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "Python 3.10+ needed, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-test.txt $(TORCH_PINS)
+	$(PY) -m moco.doctor --build-only  # the build must carry CUDA_ARCHS: fail here, not on the cluster
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-venv: $(STAMP) ## Create or refresh the virtualenv (.venv)
+venv: $(STAMP) ## Create or refresh the virtualenv (.venv) with the torch build TORCH_BUILD (cu128: V100 and newer)
+
+doctor: $(STAMP) ## Preflight: torch build, its GPU architectures, driver, GPUs, launch; fails when GPUs are unusable
+	$(PY) -m moco.doctor
 
 data: $(STAMP) ## Generate the tiny dataset in data/tiny (about 20 s; skipped when already there)
 	$(PY) -m moco.tinyset --out $(DATA) --workers 2
