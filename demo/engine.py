@@ -36,23 +36,26 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
     seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
     for step, (images, targets) in enumerate(loader, first_step):
-        if preemption.stop_requested(device):
+        if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step} "
-                                     f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); try a lower --lr")
+        # One read of all the losses a step, for the finiteness check (torchvision's samplers wait for the GPU
+        # several times a step anyway).
+        values = dict(zip(["loss", *loss_dict], torch.stack([loss, *loss_dict.values()]).detach().float().tolist()))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {step} "
+                                     f"({ {k: round(v, 4) for k, v in values.items() if k != 'loss'} }); "
+                                     f"try a lower --lr")
         optimizer_step(loss, optimizer, scaler)
         scheduler.step()
         seen += len(images)
-        for k, v in loss_dict.items():
-            sums[k] = sums.get(k, 0.0) + v.item() * len(images)
-        sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(images)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v * len(images)
         if print_freq and step % print_freq == 0:
-            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, loss.item(),
+            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, values["loss"],
                      optimizer.param_groups[0]["lr"])
     elapsed = time.perf_counter() - start
     stats = {k: all_reduce_mean(v / max(seen, 1), device) for k, v in sorted(sums.items())}

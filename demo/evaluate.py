@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from moco import checkpoint
+from moco.devices import CHOICES, configure_backends, default_device
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import get_logger, setup_logging
 from moco.precision import autocast_dtype
@@ -35,13 +36,17 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=4, help="images per process")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
+    p.add_argument("--device", default=default_device(), choices=CHOICES,
+                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
+                        "purpose. Default: $MOCO_DEVICE, else auto")
     return p
 
 
 def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
     args = get_parser().parse_args(argv)
-    env = init_distributed()
+    env = init_distributed(args.device)
     setup_logging(env.rank)
     try:
         return _evaluate(args, env)
@@ -56,7 +61,8 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     dataset = load_split(args.dataset_root, args.dataset_split)
     model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, dataset.categories)
     model.to(env.device)
-    amp_dtype = autocast_dtype(env.device, args.precision)
+    configure_backends(env.device, fixed_shapes=False)
+    amp_dtype = autocast_dtype(env.device, args.precision, inference=True)
     log.info("%s (stage %s, epoch %d) on %s: %d images, %d process(es), %s, precision %s", args.checkpoint_path,
              ckpt["stage"], ckpt["epoch"], dataset.source, len(dataset), env.world_size, env.device,
              amp_dtype or "fp32")

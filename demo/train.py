@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from moco import checkpoint, preemption
+from moco.devices import CHOICES, configure_backends, default_device
 from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
@@ -72,9 +73,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N steps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast dtype; auto: bf16 where native, fp16 on older GPUs")
+                   help="autocast dtype of training; auto: bf16 where native, fp16 on older GPUs. Validation's auto: "
+                        "fp16 on GPUs, fp32 on the CPU. Box geometry is fp32 under all of them")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations; default on with CUDA")
+    p.add_argument("--device", default=default_device(), choices=CHOICES,
+                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
+                        "purpose. Default: $MOCO_DEVICE, else auto")
     p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
     model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
     model.add_argument("-a", "--arch", default=None, help="ResNet for random init; with --bp, read from the file")
@@ -90,7 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_parser().parse_args(argv)
-    env = init_distributed()
+    env = init_distributed(args.device)
     stage_dir = Path(args.output_dir) / args.stage
     if env.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     if train_set.categories != val_set.categories:
         raise ValueError(f"{val_set.source}: categories differ from {train_set.source}")
     device = env.device
+    configure_backends(device, fixed_shapes=False)
     amp_dtype = autocast_dtype(device, args.precision)
+    val_dtype = autocast_dtype(device, args.precision, inference=True)  # as demo.evaluate's: the same AP
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
 
     torch.manual_seed(args.seed)  # identical heads on every rank
@@ -206,8 +213,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         raise ValueError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
                          f"give a larger --epochs")
     log.info("stage %s (%s%s): epochs %d..%d (from step %d), lr %.4g, batch %d on %d process(es) [%s], %s, "
-             "precision %s", stage.name, how, f" from {source}" if source else "", start_epoch, end_epoch - 1,
-             start_step, lr, args.batch_size, env.world_size, env.launcher, device, amp_dtype or "fp32")
+             "precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
+             end_epoch - 1, start_step, lr, args.batch_size, env.world_size, env.launcher, device,
+             amp_dtype or "fp32", val_dtype or "fp32")
     log.info("model %s; train %d images (%s), validation %d images, %d classes", config.to_dict(),
              len(train_set), train_set.source, len(val_set), len(train_set.categories))
 
@@ -254,7 +262,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
-        predictions = predict(model, val_set, device, amp_dtype, args.val_batch_size, args.workers, env.rank,
+        predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
                               env.world_size)
         if env.is_main:
             metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,

@@ -4,7 +4,8 @@
 - Slurm ``srun``, one task per GPU, any number of nodes (``SLURM_STEP_NUM_TASKS`` > 1): the rendezvous host is
   the step's first node, the port derives from the job id, so jobs sharing a node never collide;
 - anything else is a single process, with no process group.
-The device is ``cuda:<local rank>`` when CUDA is usable, else the CPU; the backend is nccl on CUDA, gloo on CPU.
+The device comes from ``moco.devices.select_device`` (``--device``/``$MOCO_DEVICE``): ``cuda:<local rank>``, or
+the CPU only when no GPU was allocated or the CPU was asked for; the backend is nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -17,9 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .devices import DeviceError, select_device
 from .logger import get_logger
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Launch:
+    launcher: str  # "torchrun", "slurm" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
 
 
 @dataclass(frozen=True)
@@ -61,30 +71,32 @@ def _resolve_master_addr(nodelist: str) -> str:
         raise RuntimeError(f"Slurm node {first!r} does not resolve and has no NodeAddr")
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    env = os.environ
+def detect_launch(env=os.environ) -> Launch:
+    """How this process was started, from the environment alone (no process group is joined)."""
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torchrun"
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", 0))
-    elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        launcher = "slurm"
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-        local_rank = int(env["SLURM_LOCALID"])
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_LOCALID"]))
+    return Launch("single", 0, 1, 0)
+
+
+def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistEnv:
+    """Join the process group of this launch on the device ``select_device(device)`` gives this rank; raises
+    ``moco.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them."""
+    env = os.environ
+    launch = detect_launch(env)
+    launcher, rank, world_size, local_rank = launch.launcher, launch.rank, launch.world_size, launch.local_rank
+    if launcher == "slurm":
         if "MASTER_ADDR" not in env:  # a site or user may pin it; only then is scontrol not needed
             env["MASTER_ADDR"] = _resolve_master_addr(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"]))
         env.setdefault("MASTER_PORT", str(slurm_port(env["SLURM_JOB_ID"])))
-    else:
-        if int(env.get("SLURM_NTASKS", "1")) > 1:
-            log.warning("Slurm allocated %s tasks but this process was not started by srun: running alone",
-                        env["SLURM_NTASKS"])
-        launcher, rank, world_size, local_rank = "single", 0, 1, 0
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    elif launcher == "single" and int(env.get("SLURM_NTASKS", "1")) > 1:
+        log.warning("Slurm allocated %s tasks but this process was not started by srun: running alone",
+                    env["SLURM_NTASKS"])
+    try:
+        device = select_device(device, local_rank)
+    except DeviceError as exc:  # before any rendezvous or data: the user's to fix, in one sentence
+        raise SystemExit(f"error: {exc}") from exc
 
     if world_size > 1:
         dist.init_process_group(

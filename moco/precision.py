@@ -1,7 +1,10 @@
 """Which mixed precision the device supports, decided once.
 
-bf16 autocast on CPUs with native bf16 (AVX-512 BF16 or AMX) and Ampere-or-newer GPUs; fp16 with a
+Training: bf16 autocast on CPUs with native bf16 (AVX-512 BF16 or AMX) and Ampere-or-newer GPUs; fp16 with a
 GradScaler on older GPUs (V100); fp32 elsewhere. bf16 needs no loss scaling: its range equals fp32's.
+Inference (validation, evaluation): fp16 on every GPU, whose 10-bit mantissa keeps scores and features closer to
+fp32 than bf16's 7 bits, and fp32 on the CPU, where only scores would gain speed. Box geometry is fp32 under any
+of them (demo.fp32_boxes).
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
-    """mode: auto | bf16 | fp16 | off. Returns the autocast dtype, or None for fp32."""
+def autocast_dtype(device: torch.device, mode: str = "auto", inference: bool = False) -> torch.dtype | None:
+    """mode: auto | bf16 | fp16 | off. Returns the autocast dtype, or None for fp32; ``inference`` picks auto's
+    choice for evaluation rather than training."""
     if mode == "off":
         return None
     if mode == "bf16":
@@ -29,8 +33,10 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
     if mode != "auto":
         raise ValueError(f"unknown precision mode {mode!r} (auto, bf16, fp16, off)")
     if device.type == "cuda":
+        if inference:
+            return torch.float16
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_native_bf16() and not inference:
         return torch.bfloat16
     return None
 

@@ -16,6 +16,9 @@ import signal
 
 # sysexits.h EX_TEMPFAIL: "try again later". The batch scripts requeue on it.
 EXIT_REQUEUE = 75
+# A distributed run agrees on the flag every POLL_STEPS steps: each agreement is a collective and a wait for the
+# GPU. At most POLL_STEPS steps (seconds on a GPU) of the warning's lead are spent before the stop.
+POLL_STEPS = 10
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 _received: list[int] = []
@@ -46,13 +49,17 @@ def reset() -> None:
     _received.clear()
 
 
-def stop_requested(device=None) -> bool:
-    """True on every rank once any rank received a signal: a collective call, made at the same step everywhere."""
+def stop_requested(device=None, step: int | None = None) -> bool:
+    """True on every rank once any rank received a signal: a collective call, made at the same step everywhere.
+    With ``step``, a distributed run only agrees at multiples of ``POLL_STEPS`` (False in between); a single
+    process answers at once, for free."""
     local = bool(_received)
     import torch.distributed as dist  # deferred: install() must not pay for torch
 
     if not (dist.is_available() and dist.is_initialized()):
         return local
+    if step is not None and step % POLL_STEPS:
+        return False
     import torch
 
     flag = torch.tensor([int(local)], device=device)

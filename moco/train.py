@@ -42,6 +42,7 @@ from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
+from .devices import CHOICES, configure_backends, default_device
 from .distributed import all_reduce_mean, average_running_stats, barrier, cleanup_distributed, init_distributed
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
@@ -80,6 +81,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype; auto: bf16 where native (Ampere+, AVX-512 BF16 CPUs), fp16 on older GPUs")
+    p.add_argument("--device", default=default_device(), choices=CHOICES,
+                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
+                        "purpose. Default: $MOCO_DEVICE, else auto")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations; default: on with CUDA or bf16, off for fp32 on CPU, where it is slower")
     p.add_argument("--bn-splits", default=8, type=int,
@@ -126,10 +130,13 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
                     world_size: int, first_step: int = 0) -> dict:
     """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop."""
     model.train()
-    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    # Sums stay on the device: reading them every step would make the host wait for the GPU every step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
     for step, (im_q, im_k) in enumerate(loader, first_step):
-        if preemption.stop_requested(device):
+        if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
         im_q, im_k = normalize(im_q), normalize(im_k)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -137,16 +144,16 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
         loss = F.cross_entropy(logits, labels)
         optimizer_step(loss, optimizer, scaler)
         n = labels.shape[0]
-        loss_sum += loss.item() * n
-        correct += int((logits.argmax(1) == 0).sum())
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == 0).sum()
         seen += n
         if args.print_freq and step % args.print_freq == 0:
             log.info("epoch %d step %d/%d loss %.4f acc@1 %.1f%%", epoch, step, steps, loss.item(),
-                     100.0 * correct / seen)
+                     100.0 * correct.item() / seen)
     elapsed = time.perf_counter() - start
     return {
-        "loss": all_reduce_mean(loss_sum / max(seen, 1), device),
-        "acc1": all_reduce_mean(100.0 * correct / max(seen, 1), device),
+        "loss": all_reduce_mean(loss_sum.item() / max(seen, 1), device),
+        "acc1": all_reduce_mean(100.0 * correct.item() / max(seen, 1), device),
         "images_per_s": seen * world_size / elapsed,
     }
 
@@ -160,7 +167,7 @@ def key_spread(queue: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> MoCo:
     args = get_parser().parse_args(argv)
-    env = init_distributed()
+    env = init_distributed(args.device)
     output_dir = Path(args.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +190,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
     if len(paths) // env.world_size < per_rank_batch:
         raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
     device = env.device
+    configure_backends(device, fixed_shapes=True)
     amp_dtype = autocast_dtype(device, args.precision)
     channels_last = args.channels_last if args.channels_last is not None else (
         device.type == "cuda" or amp_dtype is not None)
