@@ -4,6 +4,7 @@ state dict, or random initialisation.
 RoIAlign pools from all four FPN levels (torchvision's ``MultiScaleRoIAlign`` over '0'..'3'). BatchNorm is
 ``FrozenBatchNorm2d`` by default: a fixed affine map that ``model.train()`` cannot switch back to batch
 statistics. ``norm="sync"`` trains BatchNorm instead, synchronised over ranks as in MoCo's detection transfer.
+Anchors and box arithmetic stay in fp32 under autocast (see ``demo.fp32_boxes``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from moco import checkpoint
 from moco.logger import get_logger
 
+from .fp32_boxes import Float32AnchorGenerator, Float32FastRCNNPredictor, Float32RPNHead
+
 log = get_logger(__name__)
 
 NORMS = ("frozen", "sync")
+BOX_HEAD_WIDTH = 1024  # torchvision's TwoMLPHead representation size
 _BODY_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # a ResNet without its fc
 # Block counts of layer1..4 and whether blocks are bottlenecks: enough to name a checkpoint without 'arch'.
 _RESNET_SHAPES = {
@@ -64,8 +68,11 @@ def build_detector(config: DetectorConfig) -> FasterRCNN:
         in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
         backbone.fpn = FeaturePyramidNetwork(in_channels, config.fpn_channels, extra_blocks=LastLevelMaxPool())
         backbone.out_channels = config.fpn_channels
-    return FasterRCNN(backbone, num_classes=config.num_classes, min_size=config.min_size,
-                      max_size=config.max_size, box_batch_size_per_image=config.rois_per_image)
+    anchors = Float32AnchorGenerator()
+    return FasterRCNN(backbone, min_size=config.min_size, max_size=config.max_size,
+                      box_batch_size_per_image=config.rois_per_image, rpn_anchor_generator=anchors,
+                      rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+                      box_predictor=Float32FastRCNNPredictor(BOX_HEAD_WIDTH, config.num_classes))
 
 
 def detector_from_checkpoint(ckpt: dict, source: str | Path, categories: dict[int, str]
