@@ -2,7 +2,7 @@
 # Shared by the job scripts in slurm/ and by submit.sh; sourced, never run.
 #
 # A job script finds the repository (REPO) from $SLURM_SUBMIT_DIR, sources this file and calls, in order:
-#   job_start STAGE [GROUP]  log file, site config, environment, and the signal traps
+#   job_start STAGE [GROUP]  signal traps, log file, site config, environment, and the preflight (moco.doctor)
 #   knob NAME DEFAULT        each tunable: $<STAGE>_NAME, $<GROUP>_NAME, $NAME, else DEFAULT; so R1_EPOCHS=2 is
 #                            r1's alone, FPN_EXTRA_ARGS all three fine-tuning stages', WORKERS every job's
 #   unpack_squashfs IMAGE DEST  data staging, when the site ships squashfs images
@@ -36,6 +36,9 @@ knob() {
 
 job_start() {
     STAGE=$1 GROUP=${2:-}
+    # First: a warning or preemption during the set-up below must reach a handler, not kill this shell.
+    trap on_warning USR1
+    trap on_terminate TERM
     # Slurm's own --output cannot create a folder; this log can, and it survives requeues (appended).
     LOG_DIR=${LOG_DIR:-$REPO/slurm/logs}
     mkdir -p "$LOG_DIR" || die "cannot create log directory $LOG_DIR"
@@ -47,9 +50,16 @@ job_start() {
     fi
     cd "$REPO" || die "cannot enter $REPO"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    export MOCO_DEVICE CUDA_ARCHS  # read by moco.doctor and by every task's --device default
+    preflight
     log "config $SITE_CONF; knobs:"
-    trap on_warning USR1
-    trap on_terminate TERM
+}
+
+# Before any data is staged or read: the build, the driver, the GPUs this job was given, as the tasks will see
+# them (inside CONTAINER). A job given GPUs that CUDA cannot use stops here, with the doctor's one sentence.
+preflight() {
+    # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
+    $CONTAINER "$PYTHON" -m moco.doctor || die "preflight failed (python -m moco.doctor, above); nothing was run"
 }
 
 # unpack_squashfs IMAGE DEST: unpack once; a parallel or requeued job finds DEST complete or unpacks its own copy

@@ -154,13 +154,16 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
     # The batch script's shell, before the tasks start, as job_start and run_tasks set it up.
     setup = [f"eval {shlex.quote(cfg['ENV_SETUP'])} || {{ echo 'ENV_SETUP failed' >&2; exit 1; }}"] \
         if cfg.get("ENV_SETUP") else []
+    python = " ".join(filter(None, [cfg.get("CONTAINER"), shlex.quote(cfg["PYTHON"])]))  # CONTAINER: a prefix
     setup += [f"cd {shlex.quote(str(REPO))} || exit 1",
               f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+              *(f"export {name}={shlex.quote(cfg.get(name, ''))}" for name in ("MOCO_DEVICE", "CUDA_ARCHS")),
+              # common.sh's preflight: a job given GPUs that CUDA cannot use stops before any data is read.
+              f"{python} -m moco.doctor || {{ echo 'preflight failed (python -m moco.doctor, above)' >&2; exit 1; }}",
               # Threads a task: its CPUs, capped like run_tasks at the cores the node really gives.
               "cpus=$(( $(nproc) / SLURM_NTASKS_PER_NODE )); (( cpus <= SLURM_CPUS_PER_TASK )) || "
               "cpus=$SLURM_CPUS_PER_TASK; (( cpus > 0 )) || cpus=1",
               "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}"]
-    python = " ".join(filter(None, [cfg.get("CONTAINER"), shlex.quote(cfg["PYTHON"])]))  # CONTAINER: a prefix
     extra = {}
     for option in cfg.get("SBATCH_EXTRA", "").split():
         name, _, value = option.partition("=")

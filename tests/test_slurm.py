@@ -236,3 +236,19 @@ def test_slurm_up_and_down_stop_only_their_own_daemons(tmp_path):
     finally:
         decoy.send_signal(signal.SIGTERM)
         decoy.wait()
+
+
+def test_job_given_gpus_that_cuda_cannot_use_stops_at_the_preflight(job_env, tmp_path):
+    """The fake GPUs with the device left to auto: the job ends at once with the doctor's sentence, before its
+    data is staged (the squashfs image does not even exist) or any task starts."""
+    env = {**job_env, "MOCO_DEVICE": "auto", "UNLABELED_SQSH": str(tmp_path / "unlabeled.sqsh"),
+           "UNLABELED_DIR": str(tmp_path / "unlabeled")}
+    job = sbatch(env, "moco_v2.slurm", *ONE_TASK)
+    info = wait_done(env, job, timeout=120)
+    log = log_of(env, "moco_v2", job)
+    assert info["JobState"] == "FAILED", log
+    assert re.search(r"doctor: error: this job was given GPUs \(SLURM_GPUS_ON_NODE=1[^)]*\) but CUDA cannot use "
+                     r"them: ", log), log
+    assert "preflight failed" in log and "--device cpu or MOCO_DEVICE=cpu" in log
+    assert "unsquashfs" not in log and "unlabeled.sqsh" not in log and "srun:" not in log
+    assert not (tmp_path / "unlabeled").exists() and not Path(env["RUN_DIR"]).exists()

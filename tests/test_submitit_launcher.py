@@ -45,23 +45,27 @@ def test_knob_resolution_order_matches_common_sh():
 
 def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
     """Each .slurm script run by bash with a fake srun that records its command: the launcher builds the same
-    argv from the same site config and knobs."""
+    argv from the same site config and knobs. A fake python records the preflight, which comes first."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >"$SRUN_RECORD"\n')
-    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >"$SRUN_RECORD"\necho srun >>"$CALLS"\n')
+    (bin_dir / "python").write_text('#!/bin/bash\necho "python $*" >>"$CALLS"\n')
+    for tool in ("srun", "python"):
+        (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SITE_CONF": str(ROOT / "slurm" / "site.conf.example"),
-           "PYTHON": "/opt/python", "LOG_DIR": str(tmp_path / "logs"), "RUN_DIR": str(tmp_path / "run dir"),
+           "PYTHON": str(bin_dir / "python"), "CALLS": str(tmp_path / "calls"), "LOG_DIR": str(tmp_path / "logs"), "RUN_DIR": str(tmp_path / "run dir"),
            "SLURM_SUBMIT_DIR": str(ROOT / "slurm"), "SLURM_JOB_ID": "7", "SRUN_RECORD": str(tmp_path / "argv"),
            "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0", "WORKERS": "3"}
     _set_environ(monkeypatch, env)
     cfg = launch.read_config()
     assert cfg["PRETRAIN_PARTITION"] == "v100-4" and cfg["RUN_DIR"] == env["RUN_DIR"]
     for stage in launch.STAGES.values():
+        (tmp_path / "calls").unlink(missing_ok=True)
         subprocess.run(["bash", f"{stage.script}.slurm"], cwd=ROOT / "slurm", check=True,
                        env={**env, "SLURM_JOB_NAME": stage.script})
+        assert (tmp_path / "calls").read_text().splitlines() == ["python -m moco.doctor", "srun"], stage.script
         recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
-        python = recorded.index("/opt/python")
+        python = recorded.index(env["PYTHON"])
         assert recorded[python + 1:] == ["-m", stage.module, *launch.stage_argv(stage, cfg)], stage.script
 
 
