@@ -1,0 +1,129 @@
+"""The metrics that watch pretraining: key spread and the kNN probe, on inputs whose answers are known."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from moco.probe import KnnProbe, backbone_of, extract_features, knn_top1, load_crops
+from moco.train import key_spread
+
+
+def test_key_spread_is_about_one_for_spread_keys_and_zero_for_collapsed_ones():
+    torch.manual_seed(0)
+    spread = F.normalize(torch.randn(128, 4096), dim=0)  # dim x K, unit columns, as the queue
+    assert key_spread(spread) == pytest.approx(1.0, abs=0.02)
+    collapsed = F.normalize(torch.randn(128, 1), dim=0).repeat(1, 4096)
+    assert key_spread(collapsed) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_key_spread_by_hand():
+    # Keys alternate between e1 and e2 in 2 dimensions: each dimension is 1, 0, 1, 0 (sample std sqrt(1/3)).
+    queue = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.bfloat16)
+    assert key_spread(queue) == pytest.approx(math.sqrt(1 / 3) * math.sqrt(2), rel=1e-6)
+
+
+def _course_split(root, split, images: dict[int, tuple[np.ndarray, str]]):
+    (root / split / "images").mkdir(parents=True)
+    (root / split / "labels").mkdir(parents=True)
+    for number, (pixels, label) in images.items():
+        Image.fromarray(pixels).save(root / split / "images" / f"{number}.PNG")
+        (root / split / "labels" / f"{number}.yml").write_text(label)
+
+
+def _pixels(seed: int, height: int = 30, width: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_crops_are_the_label_boxes_of_the_image(tmp_path):
+    pixels = _pixels(0)
+    # Box sides equal the crop size, so the resize keeps every pixel; 5.6 rounds to 6 (truncation would give 5).
+    _course_split(tmp_path, "validation", {
+        1: (pixels, "bboxes: [[4, 5.6, 16, 17.6], [20, 2, 32, 14]]\nlabels: [dog, zebra]\n"),
+        2: (_pixels(1), "bboxes: [[0, 0, 12, 12]]\nlabels: [cup or mug]\n"),
+    })
+    crops, names = load_crops(tmp_path, "validation", size=12)
+    assert names == ["dog", "zebra", "cup or mug"]
+    assert crops.dtype == torch.uint8 and tuple(crops.shape) == (3, 3, 12, 12)
+    assert np.array_equal(crops[0].permute(1, 2, 0).numpy(), pixels[6:18, 4:16])
+    assert np.array_equal(crops[1].permute(1, 2, 0).numpy(), pixels[2:14, 20:32])
+    assert np.array_equal(crops[2].permute(1, 2, 0).numpy(), _pixels(1)[0:12, 0:12])
+
+
+def test_crops_are_resized_to_squares_and_spread_over_the_split(tmp_path):
+    flat = {n: (np.full((30, 40, 3), 10 * n, dtype=np.uint8), "bboxes: [[1, 2, 30, 12]]\nlabels: [dog]\n")
+            for n in range(1, 7)}
+    _course_split(tmp_path, "training", flat)
+    crops, names = load_crops(tmp_path, "training", size=8, max_images=3)
+    assert tuple(crops.shape) == (3, 3, 8, 8) and names == ["dog"] * 3
+    assert [int(c[0, 0, 0]) for c in crops] == [10, 30, 50]  # images 1, 3, 5: every other one, not 1, 2, 3
+    assert load_crops(tmp_path, "training", size=8, max_images=10)[0].shape[0] == 6
+
+
+def test_no_box_to_probe_is_an_error(tmp_path):
+    _course_split(tmp_path, "validation", {1: (_pixels(0), "bboxes: []\nlabels: []\n")})
+    with pytest.raises(ValueError, match="no boxes to probe with"):
+        load_crops(tmp_path, "validation", size=8)
+
+
+def test_the_vote_is_weighted_by_exp_similarity_over_t():
+    """Three class-0 neighbours at similarity 0.5 against two class-1 neighbours at 0.99: a majority vote says 0;
+    weights exp(s / 0.07) say 1 (2 e^14.1 > 3 e^7.1). At T = 100 the weights are nearly equal: the majority wins."""
+    angle = lambda s: torch.tensor([s, math.sqrt(1 - s * s)])  # noqa: E731  unit vector at cosine s with e1
+    train = torch.stack([angle(0.5), angle(0.5), angle(0.5), angle(0.99), angle(0.99)])
+    train_labels = torch.tensor([0, 0, 0, 1, 1])
+    test, test_labels = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    assert knn_top1(train, train_labels, test, test_labels, k=5, T=0.07) == 1.0
+    assert knn_top1(train, train_labels, test, test_labels, k=5, T=100.0) == 0.0
+    # Only the k nearest vote: with k = 2 the far majority is not consulted even at T = 100.
+    assert knn_top1(train, train_labels, test, test_labels, k=2, T=100.0) == 1.0
+
+
+def test_knn_accuracy_is_the_fraction_of_correct_votes():
+    train = torch.eye(3)
+    train_labels = torch.tensor([0, 1, 2])
+    test = torch.eye(3)[[0, 1, 2, 2]]
+    assert knn_top1(train, train_labels, test, torch.tensor([0, 1, 2, 0]), k=1) == 0.75
+    assert knn_top1(train, train_labels, test, torch.tensor([0, 1, 2, 2]), k=20) == 1.0  # k capped at 3 crops
+
+
+class _MeanColour(nn.Module):
+    """A 'ResNet' whose pooled feature is the mean colour of the (normalised) input; its head is a decoy."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_features_come_from_the_backbone_without_its_head_and_are_unit_vectors():
+    encoder = _MeanColour()
+    crops = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
+    crops[:, 0] = torch.tensor([0, 50, 100, 200, 255]).view(5, 1, 1)
+    backbone = backbone_of(encoder)
+    assert isinstance(encoder.fc, nn.Linear) and not backbone.training  # a copy, in eval mode
+    feats = extract_features(backbone, crops, torch.device("cpu"), batch_size=2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = F.normalize((crops.float().mean(dim=(2, 3)) / 255 - mean) / std, dim=1)
+    assert feats.shape == (5, 3) and torch.allclose(feats, expected, atol=1e-5)
+
+
+def test_probe_scores_an_encoder_on_the_validation_crops(tmp_path):
+    """Red objects are 'dog', blue ones 'zebra': a mean-colour backbone separates them perfectly."""
+    def scene(colour, label):
+        pixels = np.full((20, 20, 3), 128, dtype=np.uint8)
+        pixels[4:14, 4:14] = colour
+        return pixels, f"bboxes: [[4, 4, 14, 14]]\nlabels: [{label}]\n"
+
+    red, blue = (230, 20, 20), (20, 20, 230)
+    _course_split(tmp_path, "training", {1: scene(red, "dog"), 2: scene(blue, "zebra"), 3: scene(red, "dog")})
+    _course_split(tmp_path, "validation", {4: scene(blue, "zebra"), 5: scene(red, "dog")})
+    probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1)
+    assert probe.num_classes == 2
+    assert probe.train_labels.tolist() == [0, 1, 0] and probe.val_labels.tolist() == [1, 0]
+    assert probe(_MeanColour()) == 1.0
