@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from moco.augment import Normalize
 from moco.probe import KnnProbe, backbone_of, extract_features, knn_top1, load_crops
 from moco.train import key_spread
 
@@ -69,17 +70,33 @@ def test_no_box_to_probe_is_an_error(tmp_path):
         load_crops(tmp_path, "validation", size=8)
 
 
+def _at_cosine(s: float) -> torch.Tensor:
+    """A unit vector at cosine similarity s with e1."""
+    return torch.tensor([s, math.sqrt(1 - s * s)])
+
+
 def test_the_vote_is_weighted_by_exp_similarity_over_t():
-    """Three class-0 neighbours at similarity 0.5 against two class-1 neighbours at 0.99: a majority vote says 0;
-    weights exp(s / 0.07) say 1 (2 e^14.1 > 3 e^7.1). At T = 100 the weights are nearly equal: the majority wins."""
-    angle = lambda s: torch.tensor([s, math.sqrt(1 - s * s)])  # noqa: E731  unit vector at cosine s with e1
-    train = torch.stack([angle(0.5), angle(0.5), angle(0.5), angle(0.99), angle(0.99)])
+    """Three class-0 neighbours at similarity 0.6 against two class-1 neighbours at 0.99: a majority vote says 0;
+    the default weights exp(s / 0.07) say 1 (2 e^14.1 > 3 e^8.6). At T = 100, or even T = 1.07, the weights are
+    nearly equal and the majority wins."""
+    train = torch.stack([_at_cosine(0.6)] * 3 + [_at_cosine(0.99)] * 2)
     train_labels = torch.tensor([0, 0, 0, 1, 1])
     test, test_labels = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
-    assert knn_top1(train, train_labels, test, test_labels, k=5, T=0.07) == 1.0
+    assert knn_top1(train, train_labels, test, test_labels, k=5) == 1.0
+    assert knn_top1(train, train_labels, test, test_labels, k=5, T=1.07) == 0.0
     assert knn_top1(train, train_labels, test, test_labels, k=5, T=100.0) == 0.0
     # Only the k nearest vote: with k = 2 the far majority is not consulted even at T = 100.
     assert knn_top1(train, train_labels, test, test_labels, k=2, T=100.0) == 1.0
+
+
+def test_twenty_neighbours_vote_by_default():
+    """Ten class-0 neighbours at 0.900 narrowly outvote ten class-1 ones at 0.899; a 21st (class 1, at 0.898)
+    would tip the vote."""
+    train = torch.stack([_at_cosine(0.9)] * 10 + [_at_cosine(0.899)] * 10 + [_at_cosine(0.898)])
+    train_labels = torch.tensor([0] * 10 + [1] * 11)
+    test, test_labels = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert knn_top1(train, train_labels, test, test_labels) == 1.0
+    assert knn_top1(train, train_labels, test, test_labels, k=21) == 0.0
 
 
 def test_knn_accuracy_is_the_fraction_of_correct_votes():
@@ -120,10 +137,20 @@ def test_probe_scores_an_encoder_on_the_validation_crops(tmp_path):
         pixels[4:14, 4:14] = colour
         return pixels, f"bboxes: [[4, 4, 14, 14]]\nlabels: [{label}]\n"
 
-    red, blue = (230, 20, 20), (20, 20, 230)
+    red, blue, green = (230, 20, 20), (20, 20, 230), (20, 230, 20)
     _course_split(tmp_path, "training", {1: scene(red, "dog"), 2: scene(blue, "zebra"), 3: scene(red, "dog")})
-    _course_split(tmp_path, "validation", {4: scene(blue, "zebra"), 5: scene(red, "dog")})
+    # A class seen only in validation still gets a label (and cannot be voted for).
+    _course_split(tmp_path, "validation", {4: scene(blue, "zebra"), 5: scene(red, "dog"), 6: scene(green, "ant")})
     probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1)
-    assert probe.num_classes == 2
-    assert probe.train_labels.tolist() == [0, 1, 0] and probe.val_labels.tolist() == [1, 0]
-    assert probe(_MeanColour()) == 1.0
+    assert probe.num_classes == 3 and tuple(probe.train_crops.shape) == (3, 3, 8, 8)
+    assert probe.train_labels.tolist() == [1, 2, 1] and probe.val_labels.tolist() == [2, 1, 0]
+    assert probe(_MeanColour()) == pytest.approx(2 / 3)
+    fewer = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1, max_images=2)
+    # Images 1, 2 and 4, 5: "ant" (image 6) is not loaded, so dog and zebra are labels 0 and 1.
+    assert fewer.train_labels.tolist() == [0, 1] and fewer.val_labels.tolist() == [1, 0]
+
+
+def test_device_normalisation_moves_the_batch_to_its_device_and_saves_nothing():
+    normalize = Normalize().to("meta")
+    assert normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)).device.type == "meta"
+    assert Normalize().state_dict() == {}  # constants, not checkpoint entries
