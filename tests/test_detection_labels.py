@@ -1,5 +1,6 @@
 """Detection targets against the label files themselves, the training sampler's mid-epoch skip, and the recipe's
 learning rates, with expected values written out here rather than taken from the code under test."""
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from demo.datasets import course_split
+from demo.datasets import course_split, load_split
 from demo.recipe import STAGES, scaled_lr, warmup_factor
 from demo.sampler import GroupedBatchSampler
 
@@ -125,3 +126,21 @@ def test_warmup_rises_linearly_from_a_thousandth_to_one():
     assert warmup_factor(1000, 1000) == 1.0 and warmup_factor(5000, 1000) == 1.0
     assert warmup_factor(0, 0) == 1.0  # no warm-up (stages r2 and r3)
     assert STAGES["r1"].warmup_iters == 1000 and STAGES["r2"].warmup_iters == 0
+
+
+def test_coco_layout_without_annotations_and_its_errors(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (16, 8)).save(tmp_path / "val/a.jpg")
+    annotation_file = tmp_path / "annotations/instances_val.json"
+    images = [{"id": 5, "file_name": "a.jpg"}]  # no width/height: read from the file
+    annotation_file.write_text(json.dumps({"images": images, "categories": [{"id": 3, "name": "car"}]}))
+    ds = load_split(tmp_path, "val")
+    assert ds.categories == {3: "car"} and ds.samples[0].boxes == () and ds.aspect_ratios() == [2.0]
+    annotation_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"instances_val\.json: not a COCO instances file"):
+        load_split(tmp_path, "val")
+    images.append({"id": 6, "file_name": "b.jpg", "width": 4, "height": 4})
+    annotation_file.write_text(json.dumps({"images": images, "categories": []}))
+    with pytest.raises(FileNotFoundError, match=r"b\.jpg: listed in .*instances_val\.json but missing"):
+        load_split(tmp_path, "val")
