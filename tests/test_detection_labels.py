@@ -11,6 +11,7 @@ from PIL import Image
 from demo.datasets import course_split, load_split
 from demo.recipe import STAGES, scaled_lr, warmup_factor
 from demo.sampler import GroupedBatchSampler
+from demo.transforms import train_transforms
 
 COURSE_NAMES = [line.strip() for line in (Path(__file__).resolve().parents[1] / "moco" / "course_classes.txt")
                 .read_text().splitlines() if line.strip()]
@@ -144,3 +145,41 @@ def test_coco_layout_without_annotations_and_its_errors(tmp_path):
     annotation_file.write_text(json.dumps({"images": images, "categories": []}))
     with pytest.raises(FileNotFoundError, match=r"b\.jpg: listed in .*instances_val\.json but missing"):
         load_split(tmp_path, "val")
+
+
+def test_coco_layout_keeps_thin_boxes_drops_empty_ones_and_takes_sizes_from_the_file(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (16, 8)).save(tmp_path / "val/a.jpg")
+    annotation_file = tmp_path / "annotations/instances_val.json"
+    anns = [
+        {"id": 1, "image_id": 5, "category_id": 3, "bbox": [1, 1, 0, 4]},  # no width: dropped
+        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [1, 1, 4, 0]},  # no height: dropped
+        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [2, 1, 0.5, 0.5]},  # thin but real; no iscrowd key
+        {"id": 4, "image_id": 5, "category_id": 3, "bbox": [10, 2, 6, 5]},
+    ]
+    coco = {"images": [{"id": 5, "file_name": "a.jpg", "width": 64, "height": 48}],
+            "categories": [{"id": 3, "name": "car"}], "annotations": anns}
+    annotation_file.write_text(json.dumps(coco))
+    ds = load_split(tmp_path, "val", train_transforms(hflip=1.0))
+    assert ds.source == str(annotation_file)
+    assert (ds.samples[0].width, ds.samples[0].height) == (64, 48)  # as the file lists them, not read back
+    assert ds.samples[0].boxes == ((2.0, 1.0, 2.5, 1.5), (10.0, 2.0, 16.0, 7.0))
+    # The transforms given to load_split run: x flips on the 64-wide canvas, the sub-pixel box is sanitised away.
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[48.0, 2.0, 54.0, 7.0]]
+    anns.append({"id": 7, "image_id": 5, "category_id": 99, "bbox": [1, 1, 2, 2]})
+    annotation_file.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="annotation 7 has unknown category 99"):
+        load_split(tmp_path, "val")
+
+
+def test_course_layout_through_load_split(tmp_path):
+    for split_dir in ("images", "labels"):
+        (tmp_path / "training" / split_dir).mkdir(parents=True)
+    Image.new("RGB", (60, 40)).save(tmp_path / "training/images/12.JPEG")
+    (tmp_path / "training/labels/12.yml").write_text("bboxes: [[2, 5, 12, 35]]\nlabels: [dog]\n")
+    ds = load_split(tmp_path, "training", train_transforms(hflip=1.0))
+    assert ds.source == str(tmp_path / "training") and [s.image_id for s in ds.samples] == [12]
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[48.0, 5.0, 58.0, 35.0]]
