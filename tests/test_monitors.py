@@ -154,3 +154,29 @@ def test_device_normalisation_moves_the_batch_to_its_device_and_saves_nothing():
     normalize = Normalize().to("meta")
     assert normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)).device.type == "meta"
     assert Normalize().state_dict() == {}  # constants, not checkpoint entries
+
+
+def test_probe_passes_its_k_and_precision_on(tmp_path, monkeypatch):
+    """The run's --probe-k and autocast dtype reach the vote and the feature pass (both spied on, then run)."""
+    import moco.probe as probe_module
+
+    pixels = np.full((20, 20, 3), 90, dtype=np.uint8)
+    label = "bboxes: [[4, 4, 14, 14]]\nlabels: [dog]\n"
+    _course_split(tmp_path, "training", {1: (pixels, label)})
+    _course_split(tmp_path, "validation", {2: (pixels, label)})
+    seen = {"amp": [], "k": []}
+    extract, vote = probe_module.extract_features, probe_module.knn_top1
+
+    def spy_extract(*args, **kwargs):
+        seen["amp"].append(kwargs.get("amp_dtype"))
+        return extract(*args, **kwargs)
+
+    def spy_vote(*args, **kwargs):
+        seen["k"].append(kwargs.get("k"))
+        return vote(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "extract_features", spy_extract)
+    monkeypatch.setattr(probe_module, "knn_top1", spy_vote)
+    probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=7, amp_dtype=torch.bfloat16)
+    assert probe(_MeanColour()) == 1.0
+    assert seen == {"amp": [torch.bfloat16, torch.bfloat16], "k": [7]}
