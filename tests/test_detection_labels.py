@@ -183,3 +183,9 @@ def test_course_layout_through_load_split(tmp_path):
     assert ds.source == str(tmp_path / "training") and [s.image_id for s in ds.samples] == [12]
     _, target = ds[0]
     assert target["boxes"].tolist() == [[48.0, 5.0, 58.0, 35.0]]
+
+
+def test_sampler_seed_defaults_to_zero():
+    ratios = [1.5, 0.7, 1.2, 0.5, 1.0, 0.8, 1.3, 1.1]
+    assert list(GroupedBatchSampler(ratios, 2)) == list(GroupedBatchSampler(ratios, 2, seed=0))
+    assert list(GroupedBatchSampler(ratios, 2)) != list(GroupedBatchSampler(ratios, 2, seed=1))

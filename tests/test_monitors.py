@@ -180,3 +180,25 @@ def test_probe_passes_its_k_and_precision_on(tmp_path, monkeypatch):
     probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=7, amp_dtype=torch.bfloat16)
     assert probe(_MeanColour()) == 1.0
     assert seen == {"amp": [torch.bfloat16, torch.bfloat16], "k": [7]}
+
+
+def _conv_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def test_features_follow_the_run_precision():
+    crops = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fp32 = extract_features(_conv_backbone(), crops, torch.device("cpu"))
+    bf16 = extract_features(_conv_backbone(), crops, torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.float32  # features leave in fp32 whatever the autocast dtype
+    assert torch.allclose(bf16, fp32, atol=3e-2) and not torch.allclose(bf16, fp32, atol=1e-4)  # bf16 rounding
+
+
+def test_probe_labels_live_on_the_run_device(tmp_path):
+    pixels = np.full((20, 20, 3), 90, dtype=np.uint8)
+    label = "bboxes: [[4, 4, 14, 14]]\nlabels: [dog]\n"
+    _course_split(tmp_path, "training", {1: (pixels, label)})
+    _course_split(tmp_path, "validation", {2: (pixels, label)})
+    probe = KnnProbe(tmp_path, 8, torch.device("meta"))
+    assert probe.train_labels.device.type == probe.val_labels.device.type == "meta"
