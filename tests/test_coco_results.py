@@ -26,8 +26,8 @@ LABEL_TO_CATEGORY = {1: 5, 2: 17, 3: 40}
 
 def test_every_detection_becomes_one_record_with_its_own_box_score_and_category():
     predictions = {
-        8: {"boxes": torch.tensor([[50.0, 20.0, 90.0, 60.0], [0.0, 0.0, 5.5, 7.25]]),
-            "scores": torch.tensor([0.75, 0.123456789]), "labels": torch.tensor([2, 3])},
+        8: {"boxes": torch.tensor([[50.0, 20.0, 90.0, 60.0], [0.0, 0.0, 5.5, 7.25], [10.254, 20.256, 15.5, 27.513]]),
+            "scores": torch.tensor([0.75, 0.123456789, 0.2]), "labels": torch.tensor([2, 3, 3])},
         3: {"boxes": torch.tensor([[60.0, 5.0, 70.0, 15.0], [10.0, 10.0, 40.0, 30.0], [1.004, 2.0, 3.0, 4.0]]),
             "scores": torch.tensor([0.5, 0.9, 0.3]), "labels": torch.tensor([1, 1, 2])},
     }
@@ -38,6 +38,7 @@ def test_every_detection_becomes_one_record_with_its_own_box_score_and_category(
         {"image_id": 3, "category_id": 17, "bbox": [1.0, 2.0, 2.0, 2.0], "score": 0.3},
         {"image_id": 8, "category_id": 17, "bbox": [50.0, 20.0, 40.0, 40.0], "score": 0.75},
         {"image_id": 8, "category_id": 40, "bbox": [0.0, 0.0, 5.5, 7.25], "score": 0.12346},
+        {"image_id": 8, "category_id": 40, "bbox": [10.25, 20.26, 5.25, 7.26], "score": 0.2},  # to 0.01 pixel
     ]
     assert all(type(r["image_id"]) is int and type(r["category_id"]) is int for r in records)
 

@@ -177,12 +177,15 @@ def test_coco_layout_keeps_thin_boxes_drops_empty_ones_and_takes_sizes_from_the_
 def test_course_layout_through_load_split(tmp_path):
     for split_dir in ("images", "labels"):
         (tmp_path / "training" / split_dir).mkdir(parents=True)
-    Image.new("RGB", (60, 40)).save(tmp_path / "training/images/12.JPEG")
+    image = Image.new("RGB", (60, 40))
+    image.paste((255, 255, 255), (0, 0, 10, 40))  # a white band at the left edge
+    image.save(tmp_path / "training/images/12.PNG")
     (tmp_path / "training/labels/12.yml").write_text("bboxes: [[2, 5, 12, 35]]\nlabels: [dog]\n")
     ds = load_split(tmp_path, "training", train_transforms(hflip=1.0))
     assert ds.source == str(tmp_path / "training") and [s.image_id for s in ds.samples] == [12]
-    _, target = ds[0]
+    flipped, target = ds[0]  # image and boxes flipped together
     assert target["boxes"].tolist() == [[48.0, 5.0, 58.0, 35.0]]
+    assert flipped[:, :, 50:].eq(255).all() and flipped[:, :, :50].eq(0).all()
 
 
 def test_sampler_seed_defaults_to_zero():
