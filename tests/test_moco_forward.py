@@ -119,3 +119,12 @@ def test_contrastive_logits_stay_fp32_under_bf16_autocast():
     k = model.queue[:, :4].T
     assert torch.allclose(logits[:, 0], (q * k).sum(1) / 0.07, atol=1e-4)
     assert torch.allclose(logits[:, 1:], q @ queue / 0.07, atol=1e-4)
+
+
+def test_queue_pointer_advances_by_the_batch_when_k_is_not_twice_the_batch():
+    model = MoCo(tiny_encoder, dim=3, K=12)
+    for step, expected_ptr in enumerate((4, 8, 0, 4)):
+        keys = torch.full((4, 3), float(step + 1))
+        model._dequeue_and_enqueue(keys)
+        assert int(model.queue_ptr) == expected_ptr
+    assert model.queue[0].tolist() == [4.0] * 4 + [2.0] * 4 + [3.0] * 4  # the fourth batch replaced the first
