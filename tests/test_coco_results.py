@@ -124,3 +124,22 @@ def test_eval_batches_are_aspect_grouped_and_keep_the_last_partial_batch():
     assert eval_batches(ratios, 2, rank=1, world_size=2) == [[4, 1]]
     assert eval_batches(ratios, 3, rank=1, world_size=3) == [[1, 3]]
     assert eval_batches(ratios, 3, rank=2, world_size=3) == []
+
+
+def test_per_class_ap_counts_up_to_100_detections_an_image_and_zero_for_crowd_only_classes(capsys):
+    """Class 5: eleven false positives outrank the true positive in image 3, so it is found only within the 100
+    detections an image that AP allows (not within 10): precision 1/12 at full recall. Class 17's only box is a
+    crowd region: nothing to find, AP 0."""
+    gt = _ground_truth()
+    gt["annotations"][1]["iscrowd"] = 1
+    boxes = [[60.0 + i, 5.0, 70.0 + i, 15.0] for i in range(11)] + [[10.0, 10.0, 40.0, 30.0]]
+    predictions = {3: {"boxes": torch.tensor(boxes), "scores": torch.linspace(0.9, 0.3, 12),
+                       "labels": torch.ones(12, dtype=torch.int64)}}
+    metrics = coco_eval.evaluate(gt, coco_eval.to_coco_results(predictions, LABEL_TO_CATEGORY))
+    per_class = {c["id"]: c for c in metrics.per_class}
+    assert per_class[5]["AP"] == pytest.approx(1 / 12) and per_class[5]["AP50"] == pytest.approx(1 / 12)
+    assert per_class[17]["AP"] == 0.0 and per_class[17]["AP50"] == 0.0
+    assert metrics.stats["AP"] == pytest.approx(1 / 12)  # the crowd-only class is no class for pycocotools
+    assert capsys.readouterr().out == ""  # pycocotools' chatter and summary stay inside the metrics
+    lines = metrics.summary.split("\n")  # pycocotools' 12 lines, no blank line before or after
+    assert len(lines) == 12 and lines[0].endswith("maxDets=100 ] = 0.083") and lines[-1].endswith("] = -1.000")
