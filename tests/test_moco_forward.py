@@ -128,3 +128,50 @@ def test_queue_pointer_advances_by_the_batch_when_k_is_not_twice_the_batch():
         model._dequeue_and_enqueue(keys)
         assert int(model.queue_ptr) == expected_ptr
     assert model.queue[0].tolist() == [4.0] * 4 + [2.0] * 4 + [3.0] * 4  # the fourth batch replaced the first
+
+
+class _TwoRankGroup:
+    """torch.distributed as rank 1 of 2 sees it; rank 0's contributions to each all_gather are given in order."""
+
+    def __init__(self, rank0_sends):
+        self.rank0_sends, self.broadcasts = iter(rank0_sends), []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def get_rank(self):
+        return 1
+
+    def all_gather(self, out, tensor):
+        out[0].copy_(next(self.rank0_sends))
+        out[1].copy_(tensor)
+
+    def broadcast(self, tensor, src):
+        self.broadcasts.append((tensor.clone(), src))
+
+
+def test_shuffle_and_queue_across_two_ranks(monkeypatch):
+    """Rank 1's view of shuffle-BN under DDP: the global batch is shuffled, each rank keys its own slice, the keys
+    return to their images, and the queue takes the keys of both ranks."""
+    import moco.builder as builder
+
+    mine, theirs = torch.arange(4.0, 8.0).view(4, 1), torch.arange(0.0, 4.0).view(4, 1)
+    full = torch.cat([theirs, mine])  # rank order
+    perm = _permutation(3)
+    group = _TwoRankGroup([theirs, full[perm[:4]], torch.full((4, 1), -1.0)])
+    monkeypatch.setattr(builder, "dist", group)
+    model = MoCo(tiny_encoder, dim=1, K=16)
+    model.shuffle_generator.manual_seed(3)
+    shuffled, idx_unshuffle = model._batch_shuffle(mine)
+    assert torch.equal(shuffled, full[perm[4:]])  # this rank's slice of the shuffled global batch
+    [(sent, src)] = group.broadcasts
+    assert torch.equal(sent, perm) and src == 0  # rank 0's permutation is everyone's
+    assert torch.equal(model._batch_unshuffle(shuffled, idx_unshuffle), mine)
+    model._dequeue_and_enqueue(mine)
+    assert model.queue[0, :8].tolist() == [-1.0] * 4 + [4.0, 5.0, 6.0, 7.0] and int(model.queue_ptr) == 8
