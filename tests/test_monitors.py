@@ -54,6 +54,14 @@ def test_crops_are_the_label_boxes_of_the_image(tmp_path):
     assert np.array_equal(crops[2].permute(1, 2, 0).numpy(), _pixels(1)[0:12, 0:12])
 
 
+def test_crops_are_resized_bilinearly(tmp_path):
+    pixels = _pixels(2)
+    _course_split(tmp_path, "validation", {1: (pixels, "bboxes: [[3, 2, 33, 22]]\nlabels: [dog]\n")})
+    crops, _ = load_crops(tmp_path, "validation", size=9)
+    expected = Image.fromarray(pixels).crop((3, 2, 33, 22)).resize((9, 9), Image.BILINEAR)
+    assert np.array_equal(crops[0].permute(1, 2, 0).numpy(), np.asarray(expected))
+
+
 def test_crops_are_resized_to_squares_and_spread_over_the_split(tmp_path):
     flat = {n: (np.full((30, 40, 3), 10 * n, dtype=np.uint8), "bboxes: [[1, 2, 30, 12]]\nlabels: [dog]\n")
             for n in range(1, 7)}
@@ -192,6 +200,8 @@ def test_features_follow_the_run_precision():
     fp32 = extract_features(_conv_backbone(), crops, torch.device("cpu"))
     bf16 = extract_features(_conv_backbone(), crops, torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert fp32.dtype == bf16.dtype == torch.float32  # features leave in fp32 whatever the autocast dtype
+    fp16 = extract_features(_conv_backbone(), crops, torch.device("cpu"), amp_dtype=torch.float16)
+    assert not torch.equal(fp16, bf16)  # the dtype asked for, not autocast's default for the device
     assert torch.allclose(bf16, fp32, atol=3e-2) and not torch.allclose(bf16, fp32, atol=1e-4)  # bf16 rounding
 
 
