@@ -175,3 +175,17 @@ def test_shuffle_and_queue_across_two_ranks(monkeypatch):
     assert torch.equal(model._batch_unshuffle(shuffled, idx_unshuffle), mine)
     model._dequeue_and_enqueue(mine)
     assert model.queue[0, :8].tolist() == [-1.0] * 4 + [4.0, 5.0, 6.0, 7.0] and int(model.queue_ptr) == 8
+
+
+def test_defaults_queue_and_head_as_in_the_paper():
+    """MoCo's defaults (He et al. 2020): 128-d keys, a queue of 65536 unit keys, m = 0.999, T = 0.07, a linear
+    head; v2's MLP head is Linear-ReLU-Linear. The queue pointer is an int64 buffer, as in the released
+    checkpoints."""
+    model = MoCo(tiny_encoder)
+    assert tuple(model.queue.shape) == (128, 65536) and (model.K, model.m, model.T) == (65536, 0.999, 0.07)
+    assert torch.allclose(model.queue.norm(dim=0), torch.ones(65536), atol=1e-5)
+    assert isinstance(model.encoder_q.fc, nn.Linear) and model.queue_ptr.dtype == torch.int64
+    head = MoCo(tiny_encoder, dim=8, K=16, mlp=True).encoder_q.fc
+    assert [type(layer) for layer in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    x = torch.randn(5, 4)
+    assert torch.allclose(head(x), head[2](torch.relu(head[0](x))))
