@@ -50,39 +50,40 @@ class MoCo(nn.Module):
         # Draws the key shuffle; reseeded every epoch so a resumed run shuffles as an uninterrupted one.
         self.shuffle_generator = torch.Generator()
 
-    @torch.no_grad()
+    # torch.no_grad() as a context, not a decorator, here and below: `make mutate` (mutmut) skips decorated functions.
     def _momentum_update_key_encoder(self) -> None:
         """param_k <- m * param_k + (1 - m) * param_q"""
-        params_k = [p.data for p in self.encoder_k.parameters()]
-        params_q = [p.data for p in self.encoder_q.parameters()]
-        torch._foreach_lerp_(params_k, params_q, 1.0 - self.m)
+        with torch.no_grad():
+            params_k = [p.data for p in self.encoder_k.parameters()]
+            params_q = [p.data for p in self.encoder_q.parameters()]
+            torch._foreach_lerp_(params_k, params_q, 1.0 - self.m)
 
-    @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        keys = _concat_all_gather(keys)
-        batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
-        if self.K % batch_size:
-            raise ValueError(f"queue size K={self.K} must be a multiple of the total batch size {batch_size}")
-        self.queue[:, ptr : ptr + batch_size] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        with torch.no_grad():
+            keys = _concat_all_gather(keys)
+            batch_size = keys.shape[0]
+            ptr = int(self.queue_ptr)
+            if self.K % batch_size:
+                raise ValueError(f"queue size K={self.K} must be a multiple of the total batch size {batch_size}")
+            self.queue[:, ptr : ptr + batch_size] = keys.T.to(self.queue.dtype)
+            self.queue_ptr[0] = (ptr + batch_size) % self.K
 
-    @torch.no_grad()
     def _batch_shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shuffle the batch (across all ranks when distributed); returns it with the index that undoes it."""
-        x_gather = _concat_all_gather(x)
-        # Drawn on the CPU so every device type (and the test) sees the same permutation.
-        idx_shuffle = torch.randperm(x_gather.shape[0], generator=self.shuffle_generator).to(x.device)
-        if _world_size() > 1:
-            dist.broadcast(idx_shuffle, src=0)
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        rank_idx = idx_shuffle.view(_world_size(), -1)[_rank()]
-        return x_gather[rank_idx], idx_unshuffle
+        with torch.no_grad():
+            x_gather = _concat_all_gather(x)
+            # Drawn on the CPU so every device type (and the test) sees the same permutation.
+            idx_shuffle = torch.randperm(x_gather.shape[0], generator=self.shuffle_generator).to(x.device)
+            if _world_size() > 1:
+                dist.broadcast(idx_shuffle, src=0)
+            idx_unshuffle = torch.argsort(idx_shuffle)
+            rank_idx = idx_shuffle.view(_world_size(), -1)[_rank()]
+            return x_gather[rank_idx], idx_unshuffle
 
-    @torch.no_grad()
     def _batch_unshuffle(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-        x_gather = _concat_all_gather(x)
-        return x_gather[idx_unshuffle.view(_world_size(), -1)[_rank()]]
+        with torch.no_grad():
+            x_gather = _concat_all_gather(x)
+            return x_gather[idx_unshuffle.view(_world_size(), -1)[_rank()]]
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """im_q, im_k: two views of the same N images. Returns logits Nx(1+K) and their targets (all 0)."""
@@ -108,11 +109,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-@torch.no_grad()
 def _concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' tensors concatenated along dim 0 (no gradient flows back)."""
     if _world_size() == 1:
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+    with torch.no_grad():
+        gathered = [torch.empty_like(tensor) for _ in range(_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)

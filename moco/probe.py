@@ -40,14 +40,15 @@ def load_crops(root: str | Path, split: str, size: int, max_images: int | None =
     return torch.stack(crops), names
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, crops: torch.Tensor, device: torch.device, batch_size: int = 256,
                      amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     normalize = Normalize(memory_format=torch.channels_last).to(device)
     feats = []
-    for batch in crops.split(batch_size):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            feats.append(backbone(normalize(batch)).float())
+    # no_grad as a context, not a decorator: `make mutate` (mutmut) skips decorated functions.
+    with torch.no_grad():
+        for batch in crops.split(batch_size):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                feats.append(backbone(normalize(batch)).float())
     return F.normalize(torch.cat(feats), dim=1)
 
 

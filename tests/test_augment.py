@@ -1,7 +1,8 @@
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
 
-from moco.augment import Normalize, TwoCropsTransform, moco_augmentation
+from moco.augment import GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
 from moco.data import UnlabeledImages
 
 
@@ -45,3 +46,37 @@ def test_device_normalisation_matches_imagenet_normalisation():
     out = Normalize(memory_format=torch.channels_last)(x)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_moco_v2_and_v1_recipes_as_published():
+    """The augmentations of MoCo v2 (Chen et al. 2020, after SimCLR) and v1 (He et al. 2020), parameter by
+    parameter; the blur's sigma range (0.1, 2.0) is for 224-pixel crops and scales with the crop."""
+    crop, jitter, gray, blur, flip, to_tensor = moco_augmentation().transforms  # defaults: 224 pixels, v2
+    assert isinstance(crop, T.RandomResizedCrop) and crop.size == (224, 224) and crop.scale == (0.2, 1.0)
+    assert isinstance(jitter, T.RandomApply) and jitter.p == 0.8
+    [color] = jitter.transforms
+    assert (color.brightness, color.contrast, color.saturation, color.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
+                                                                             (-0.1, 0.1))
+    assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
+    assert isinstance(blur, T.RandomApply) and blur.p == 0.5
+    [gaussian] = blur.transforms
+    assert isinstance(gaussian, GaussianBlur) and gaussian.sigma == (0.1, 2.0)
+    assert isinstance(flip, T.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(to_tensor, T.PILToTensor)
+    small_blur = moco_augmentation(112).transforms[3].transforms[0]
+    assert small_blur.sigma == (0.05, 1.0) and moco_augmentation(112).transforms[0].size == (112, 112)
+
+    crop, gray, color, flip, to_tensor = moco_augmentation(64, aug_plus=False).transforms
+    assert isinstance(crop, T.RandomResizedCrop) and crop.size == (64, 64) and crop.scale == (0.2, 1.0)
+    assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
+    assert isinstance(color, T.ColorJitter)
+    assert (color.brightness, color.contrast, color.saturation, color.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
+                                                                             (-0.4, 0.4))
+    assert isinstance(flip, T.RandomHorizontalFlip) and isinstance(to_tensor, T.PILToTensor)
+
+
+def test_blur_draws_its_radius_within_the_range():
+    image = _image()
+    for radius in (0.5, 1.5):
+        blurred = image.filter(ImageFilter.GaussianBlur(radius))
+        assert GaussianBlur((radius, radius))(image).tobytes() == blurred.tobytes()

@@ -62,3 +62,24 @@ def test_conversion_keeps_weights_and_checkpoint_keys():
     state = model.state_dict()
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def test_sub_batches_use_the_layers_eps_and_name_the_batch_size():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(2, num_splits=2, eps=0.5)
+    x = torch.randn(4, 2, 3, 3)
+    for chunk_in, chunk_out in zip(x.chunk(2), bn(x).chunk(2)):
+        var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        assert torch.allclose(chunk_out, (chunk_in - chunk_in.mean(dim=(0, 2, 3), keepdim=True)) / (var + 0.5).sqrt(),
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="batch of 6 does not split into 4 BN sub-batches"):
+        SplitBatchNorm2d(3, num_splits=4)(torch.randn(6, 3, 3, 3))
+
+
+def test_conversion_keeps_eps_momentum_affine_and_device():
+    model = nn.Sequential(nn.BatchNorm2d(3, eps=0.01, momentum=0.3), nn.BatchNorm2d(2, affine=False))
+    convert_split_batchnorm(model, 2)
+    assert (model[0].eps, model[0].momentum, model[0].affine) == (0.01, 0.3, True)
+    assert model[1].affine is False and model[1].weight is None
+    on_meta = convert_split_batchnorm(nn.Sequential(nn.BatchNorm2d(3)).to("meta"), 2)  # meta stands in for a GPU
+    assert isinstance(on_meta[0], SplitBatchNorm2d) and on_meta[0].weight.device.type == "meta"

@@ -13,13 +13,15 @@ from demo.datasets import course_split
 from demo.engine import predict
 from demo.model import DetectorConfig, build_detector
 from demo import coco_eval
+from demo import engine as demo_engine
 from moco import checkpoint, preemption
 from moco import train as moco_train
 
 pytestmark = pytest.mark.slow
 
+# fp32 on every host (--precision auto picks bf16 on CPUs that have it): the AP thresholds were measured in fp32.
 SMALL = ["--min-size", "160", "--max-size", "256", "--rois-per-image", "32", "--fpn-channels", "64", "-b", "4",
-         "-j", "0", "-p", "0", "--val-batch-size", "8"]
+         "-j", "0", "-p", "0", "--val-batch-size", "8", "--precision", "off"]
 STAGE_ENDS = {"r1": 8, "r2": 9, "r3": 10}
 
 
@@ -40,7 +42,7 @@ def chain(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("chain")
     moco_train.main([str(tiny_data / "train"), "--output-dir", str(work / "moco"), "-a", "resnet18",
                      "--image-size", "32", "--epochs", "3", "-b", "32", "--moco-k", "256", "--mlp", "--aug-plus",
-                     "-j", "0", "--bn-splits", "4"])
+                     "-j", "0", "--bn-splits", "4", "--precision", "off"])
     bp = work / "moco" / checkpoint.LAST
     root, run = tiny_data / "labeled", work / "fpn"
     records = {
@@ -110,6 +112,41 @@ def test_stopped_stage_resumes_from_the_step_it_reached(chain, tmp_path, monkeyp
     assert final["lr_scheduler"]["last_epoch"] == steps_per_epoch  # no step trained twice or skipped
     assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [9]
     assert record["val"]["AP"] > 0.03
+
+
+def _record_trained_batches(monkeypatch) -> list[list[int]]:
+    """The image ids of every training step, in order, as they reach the device (evaluation passes no targets)."""
+    batches, to_device = [], demo_engine.to_device
+
+    def recording(images, targets, device):
+        if targets is not None:
+            batches.append([t["image_id"] for t in targets])
+        return to_device(images, targets, device)
+
+    monkeypatch.setattr(demo_engine, "to_device", recording)
+    return batches
+
+
+def test_stopped_stage_trains_the_batches_of_an_uninterrupted_one(chain, tmp_path, monkeypatch):
+    """Not only the step count: a stop after 3 steps and the resume train exactly the batches, in the order, that
+    an uninterrupted epoch trains."""
+    uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
+    for run in (uninterrupted, stopped):
+        shutil.copytree(chain["run"] / "r1", run / "r1")
+    reference = _record_trained_batches(monkeypatch)
+    demo_train.main(stage_args("r2", chain["root"], uninterrupted, "--epochs", "9"))
+    assert len(reference) == 12 and len({i for b in reference for i in b}) == 48
+
+    monkeypatch.undo()
+    before_stop = _record_trained_batches(monkeypatch)
+    _stop_at_call(monkeypatch, 4)  # before step 3
+    with pytest.raises(SystemExit):
+        demo_train.main(stage_args("r2", chain["root"], stopped, "--epochs", "9"))
+    monkeypatch.undo()
+    after_resume = _record_trained_batches(monkeypatch)
+    demo_train.main(stage_args("r2", chain["root"], stopped, "--epochs", "9"))
+    assert before_stop == reference[:3]
+    assert after_resume == reference[3:]
 
 
 def test_next_stage_refuses_an_unfinished_one(chain, tmp_path):

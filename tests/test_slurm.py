@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from moco import checkpoint
+from slurm_logs import moco_resume_point, stage_resume_point, stop_point
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -146,7 +147,8 @@ def _interrupt_then_finish(env, script, interrupt, progress: str, timeout=600) -
     return info, log_of(env, script, job_id)
 
 
-# 64-pixel crops: steps slow enough (~0.3 s) that the interruption lands inside epoch 2, as asserted.
+# 64-pixel crops: steps slow enough (~0.3 s) that the run is still going when the interruption lands. Where it
+# lands (epoch 2 or later, mid-epoch or at a boundary) depends on the host: the tests compare the resume with it.
 SLOWER_MOCO = {"MOCO_EXTRA_ARGS": TINY_MOCO["MOCO_EXTRA_ARGS"].replace("32", "64")}
 
 
@@ -157,7 +159,7 @@ def test_scontrol_requeue_mid_pretraining_resumes_from_the_step(job_env):
         r"epoch 1 step [2-5]/8")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "SIGTERM (preemption, requeue or cancel)" in log and "stopped by SIGTERM at step" in log
-    assert re.search(r"resumed from .* at epoch 1 step [1-8] of 3 epochs", log), log
+    assert moco_resume_point(log) == stop_point(log, "SIGTERM", 8) >= (1, 0), log
     run = Path(env["RUN_DIR"]) / "moco"
     assert epochs_logged(run / "metrics.jsonl") == [1, 2, 3]  # no epoch lost or trained twice
     for path in run.glob("checkpoint_*.pth.tar"):  # every file complete and readable
@@ -172,7 +174,7 @@ def test_scontrol_requeue_mid_r1_resumes_from_the_step(job_env, tmp_path):
         env, "demo_mocov2_fpn_r1", lambda job: subprocess.run(["scontrol", "requeue", job], env=env, check=True),
         r"epoch 1 step [2-8]/12")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert re.search(r"stage r1 \(resume from .*\): epochs 1\.\.2 \(from step \d+\)", log), log
+    assert stage_resume_point(log, "r1") == stop_point(log, "SIGTERM", 12) >= (1, 0), log
     stage = Path(env["RUN_DIR"]) / "fpn" / "r1"
     assert [json.loads(line)["epoch"] for line in (stage / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     final = checkpoint.load(stage / checkpoint.LAST)

@@ -12,6 +12,7 @@ import pytest
 
 from moco import checkpoint
 from slurm import launch
+from slurm_logs import moco_resume_point, stop_point
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -119,7 +120,8 @@ def test_pretraining_then_r1_as_an_afterok_chain(launch_env, capsys):
 
 
 def _slow_pretraining(monkeypatch, stages: str) -> list:
-    """Submit 3 epochs of 64-pixel crops (steps of ~0.3 s) and return once the second epoch is under way."""
+    """Submit 3 epochs of 64-pixel crops (steps of ~0.3 s) and return once the second epoch is under way; where the
+    signal then lands depends on the host, so the tests compare the resume with the stop the log shows."""
     monkeypatch.setenv("MOCO_EXTRA_ARGS", "--image-size 64 --moco-k 256 --bn-splits 4 -p 1")
     monkeypatch.setenv("MOCO_EPOCHS", "3")
     jobs = [job for _, job in launch.main(["--stages", stages, "--gpus-per-node", "1"])]
@@ -143,8 +145,7 @@ def test_interrupted_pretraining_checkpoints_at_the_step_and_resumes(launch_env,
     info = wait_done(job.job_id, 180)
     log = logs(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert re.search(rf"stopped by {stopped_by} at step [1-8]", log), log
-    assert re.search(r"resumed from .* at epoch 1 step [1-8] of 3 epochs", log), log
+    assert moco_resume_point(log) == stop_point(log, stopped_by, 8) >= (1, 0), log
     assert ("Requeued job" in log) == through_submitit, log
     metrics = Path(launch_env["RUN_DIR"]) / "moco" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -160,4 +161,5 @@ def test_stopped_stage_is_no_success_for_the_next(launch_env, monkeypatch):
     info = wait_done(moco.job_id, 60)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), logs(moco)
     assert wait_done(r1.job_id, 30)["JobState"] == "CANCELLED"
-    assert checkpoint.load(Path(launch_env["RUN_DIR"]) / "moco" / checkpoint.LAST)["step"] > 0
+    saved = checkpoint.load(Path(launch_env["RUN_DIR"]) / "moco" / checkpoint.LAST)
+    assert (saved["epoch"], saved["step"]) == stop_point(logs(moco), "SIGTERM", 8) >= (1, 0)
