@@ -6,7 +6,8 @@
 `up` starts munged, slurmctld and one slurmd per node (n1, n2, ...), each declared bigger than the machine
 (32 CPUs, 256 GiB, G fake GPUs) so that the scripts' `#SBATCH` lines are accepted; `source DIR/env.sh` then
 points sbatch/squeue/... at it. `down` cancels every job, waits for them to end and stops the daemons it started.
-Recipe and the facts behind each setting: shared/reference/local-slurm.md. Stdlib only; also importable:
+Each setting's reason is in a comment beside it (tried with Debian 12's Slurm 22.05.8 and MUNGE 0.5.15; without
+systemd, every daemon is a child in its own session, stopped by PID). Stdlib only; also importable:
 `start(directory)` returns a `Cluster`, `stop(directory)` ends it.
 """
 from __future__ import annotations
