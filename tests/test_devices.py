@@ -46,8 +46,6 @@ def test_installed_build_carries_the_sites_architectures():
 
 
 def test_example_config_asks_for_volta_ampere_and_hopper():
-    assert os.environ.get("CUDA_ARCHS") or site_value("CUDA_ARCHS") == "sm_70 sm_80 sm_90" or (
-        ROOT / "slurm" / "site.conf").is_file()
     text = (ROOT / "slurm" / "site.conf.example").read_text()
     assert "CUDA_ARCHS=${CUDA_ARCHS:-sm_70 sm_80 sm_90}" in text and "TORCH_BUILD=${TORCH_BUILD:-cu128}" in text
 
