@@ -13,8 +13,13 @@ PY := $(VENV)/bin/python
 #   cu132  torch 2.15 / CUDA 13.2: sm_75 .. sm_120, no V100; R580+ drivers.
 SITE_CONF ?= $(firstword $(wildcard slurm/site.conf) slurm/site.conf.example)
 site_value = $(shell REPO="$(CURDIR)" bash -c 'source "$(SITE_CONF)" >/dev/null 2>&1; echo "$$$(1)"')
-TORCH_BUILD ?= $(or $(call site_value,TORCH_BUILD),cu128)
-CUDA_ARCHS ?= $(call site_value,CUDA_ARCHS)
+# Read once (:=): an exported recursive variable would source the site config again for every recipe line.
+ifndef TORCH_BUILD
+TORCH_BUILD := $(or $(call site_value,TORCH_BUILD),cu128)
+endif
+ifndef CUDA_ARCHS
+CUDA_ARCHS := $(call site_value,CUDA_ARCHS)
+endif
 export CUDA_ARCHS
 TORCH_PINS_cu128 := torch==2.10.0 torchvision==0.25.0
 TORCH_PINS_cu132 := torch==2.15.0 torchvision==0.29.2

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from moco import checkpoint
-from moco.devices import CHOICES, configure_backends, default_device
+from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import get_logger, setup_logging
 from moco.precision import autocast_dtype
@@ -38,9 +38,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
-    p.add_argument("--device", default=default_device(), choices=CHOICES,
-                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
-                        "purpose. Default: $MOCO_DEVICE, else auto")
+    add_device_argument(p)
     return p
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from moco import checkpoint, preemption
-from moco.devices import CHOICES, configure_backends, default_device
+from moco.devices import add_device_argument, configure_backends
 from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
@@ -77,9 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "fp16 on GPUs, fp32 on the CPU. Box geometry is fp32 under all of them")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations; default on with CUDA")
-    p.add_argument("--device", default=default_device(), choices=CHOICES,
-                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
-                        "purpose. Default: $MOCO_DEVICE, else auto")
+    add_device_argument(p)
     p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
     model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
     model.add_argument("-a", "--arch", default=None, help="ResNet for random init; with --bp, read from the file")

@@ -29,6 +29,13 @@ def default_device() -> str:
     return os.environ.get(DEVICE_ENV, "auto") or "auto"
 
 
+def add_device_argument(parser) -> None:
+    """The entry points' shared --device flag."""
+    parser.add_argument("--device", default=default_device(), choices=CHOICES,
+                        help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: "
+                             f"on purpose. Default: ${DEVICE_ENV}, else auto")
+
+
 def allocated_gpus(env=os.environ) -> str:
     """The variables saying this process was given GPUs ("NAME=value ..."), or "" when none says so."""
     def gives_gpus(name: str) -> bool:
@@ -38,7 +45,7 @@ def allocated_gpus(env=os.environ) -> str:
     return " ".join(f"{name}={env[name]}" for name in GPU_VARIABLES if gives_gpus(name))
 
 
-def _arch_number(arch: str) -> tuple[str, int, int, str] | None:
+def parse_arch(arch: str) -> tuple[str, int, int, str] | None:
     """'sm_86' -> ('sm', 8, 6, ''); 'sm_90a' -> ('sm', 9, 0, 'a'); 'compute_120' -> ('compute', 12, 0, '')."""
     match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch)
     return (match[1], int(match[2]), int(match[3]), match[4]) if match else None
@@ -51,7 +58,7 @@ def arch_covered(capability: tuple[int, int], arch_list: list[str]) -> bool:
     on exactly that GPU); PTX (compute_XY) is compiled by the driver for any GPU of that capability or newer."""
     major, minor = capability
     for arch in arch_list:
-        parsed = _arch_number(arch)
+        parsed = parse_arch(arch)
         if parsed is None:
             continue
         kind, m, n, variant = parsed

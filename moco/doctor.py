@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from .devices import (CHOICES, DeviceError, allocated_gpus, arch_covered, compiled_archs, default_device,
+from .devices import (DeviceError, add_device_argument, allocated_gpus, arch_covered, compiled_archs, parse_arch,
                       select_device, sm_name)
 from .distributed import detect_launch
 
@@ -32,10 +32,10 @@ def missing_archs(required: list[str], compiled: list[str]) -> list[str]:
     """The required architectures (``sm_XY``) that a build with ``compiled`` cannot run on."""
     missing = []
     for arch in required:
-        match = re.fullmatch(r"sm_(\d+)(\d)", arch)
-        if match is None:
+        parsed = parse_arch(arch)
+        if parsed is None or parsed[0] != "sm" or parsed[3]:
             raise ValueError(f"CUDA_ARCHS entry {arch!r}: write architectures as sm_XY, e.g. sm_70 sm_80 sm_90")
-        if not arch_covered((int(match[1]), int(match[2])), compiled):
+        if not arch_covered(parsed[1:3], compiled):
             missing.append(arch)
     return missing
 
@@ -83,8 +83,7 @@ def gpus(compiled: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=default_device(), choices=CHOICES,
-                   help="as the trainers' --device (default: $MOCO_DEVICE, else auto)")
+    add_device_argument(p)
     p.add_argument("--archs", default=os.environ.get("CUDA_ARCHS", ""),
                    help="architectures the build must carry (default: $CUDA_ARCHS, set by the site config)")
     p.add_argument("--build-only", action="store_true", help="check the build only, not GPUs or launch")

@@ -42,7 +42,7 @@ from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
-from .devices import CHOICES, configure_backends, default_device
+from .devices import add_device_argument, configure_backends
 from .distributed import all_reduce_mean, average_running_stats, barrier, cleanup_distributed, init_distributed
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
@@ -81,9 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype; auto: bf16 where native (Ampere+, AVX-512 BF16 CPUs), fp16 on older GPUs")
-    p.add_argument("--device", default=default_device(), choices=CHOICES,
-                   help="auto: this rank's GPU, the CPU only when no GPU was allocated (else it stops); cpu: on "
-                        "purpose. Default: $MOCO_DEVICE, else auto")
+    add_device_argument(p)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations; default: on with CUDA or bf16, off for fp32 on CPU, where it is slower")
     p.add_argument("--bn-splits", default=8, type=int,

@@ -4,8 +4,6 @@ What a CPU can check: the installed wheel's compiled architectures, the coverage
 machine has no driver, so CUDA is unusable exactly as on a node without one or in a container without --nv), and
 a GPU the build has no kernels for (torch's device queries faked).
 """
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,10 @@ from demo import train as demo_train
 from moco import devices, doctor
 from moco import train as moco_train
 from moco.precision import autocast_dtype
+from slurm import launch  # the site config's one reader (bash sources it, as the Makefile and the jobs do)
 
 ROOT = Path(__file__).resolve().parents[1]
+
 GPU_ENV = (*devices.GPU_VARIABLES, devices.DEVICE_ENV)
 
 
@@ -28,16 +28,8 @@ def no_gpu_env(monkeypatch):
     return monkeypatch
 
 
-def site_value(name: str) -> str:
-    """A value of the site config as the Makefile and the jobs read it: bash sources the file."""
-    conf = os.environ.get("SITE_CONF") or next(
-        p for p in (ROOT / "slurm" / "site.conf", ROOT / "slurm" / "site.conf.example") if p.is_file())
-    return subprocess.run(["bash", "-c", f'source "{conf}" >/dev/null && echo "${name}"'], check=True, text=True,
-                          capture_output=True, env={**os.environ, "REPO": str(ROOT)}).stdout.strip()
-
-
 def test_installed_build_carries_the_sites_architectures():
-    required = site_value("CUDA_ARCHS").split()
+    required = launch.read_config().get("CUDA_ARCHS", "").split()
     assert required, "the site config names no CUDA_ARCHS"
     compiled = devices.compiled_archs()
     assert doctor.missing_archs(required, compiled) == [], (
