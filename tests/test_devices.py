@@ -108,14 +108,17 @@ def test_cuda_asked_for_without_cuda_refuses(no_gpu_env):
         devices.select_device("gpu")
 
 
-def _fake_gpu(monkeypatch, capability, archs):
+def _fake_gpu(monkeypatch, capability, archs, count=1) -> list:
+    """torch's device queries answering for `count` GPUs of one capability; returns the set_device calls."""
+    chosen = []
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(devices, "compiled_archs", lambda: archs)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    return chosen
 
 
 def test_gpu_without_kernels_in_the_build_refuses_even_unallocated(no_gpu_env):
@@ -123,8 +126,9 @@ def test_gpu_without_kernels_in_the_build_refuses_even_unallocated(no_gpu_env):
     with pytest.raises(devices.DeviceError,
                        match=r"GPU 0 \(Tesla V100-SXM2-32GB, sm_70\) has no kernels in this build"):
         devices.select_device("auto")
-    _fake_gpu(no_gpu_env, (7, 0), CU128)
-    assert devices.select_device("auto", local_rank=3) == torch.device("cuda", 0)
+    chosen = _fake_gpu(no_gpu_env, (7, 0), CU128, count=2)
+    assert devices.select_device("auto", local_rank=3) == torch.device("cuda", 1)  # local rank 3 of 2 GPUs
+    assert chosen == [1]
 
 
 @pytest.mark.parametrize("entry, argv", [
