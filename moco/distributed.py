@@ -2,7 +2,9 @@
 
 - torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, rendezvous already in the environment);
 - Slurm ``srun``, one task per GPU, any number of nodes (``SLURM_STEP_NUM_TASKS`` > 1): the rendezvous host is
-  the step's first node, the port derives from the job id, so jobs sharing a node never collide;
+  the step's first node (``MASTER_ADDR`` from the batch script, else read from the node list without Slurm's
+  commands), the port derives from the job id, so jobs sharing a node never collide; the tasks wait
+  ``$MOCO_RENDEZVOUS_TIMEOUT`` seconds for each other, then stop with a sentence saying so;
 - anything else is a single process, with no process group.
 The device comes from ``moco.devices.select_device`` (``--device``/``$MOCO_DEVICE``): ``cuda:<local rank>``, or
 the CPU only when no GPU was allocated or the CPU was asked for; the backend is nccl on CUDA, gloo on CPU.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ from .devices import DeviceError, select_device
 from .logger import get_logger
 
 log = get_logger(__name__)
+
+RENDEZVOUS_ENV = "MOCO_RENDEZVOUS_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -50,25 +55,36 @@ class DistEnv:
 
 
 def slurm_port(job_id: str) -> int:
-    """A port in [20000, 40000) fixed by the job id: all tasks agree on it without talking."""
-    return 20000 + int(job_id) % 20000
+    """A port in [20000, 32768) fixed by the job id: all tasks agree on it without talking, jobs sharing a node
+    differ, and it stays below Linux's ephemeral range (32768-60999), where outgoing connections take theirs."""
+    return 20000 + int(job_id) % 12768
 
 
-def _resolve_master_addr(nodelist: str) -> str:
-    """The first node of a Slurm node list, as an address this host can reach."""
-    first = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-    ).stdout.split()[0]
+def first_host(nodelist: str) -> str:
+    """The first node of a Slurm node list ("gpu[07-09,12],cpu3" -> "gpu07"), read without Slurm's commands: the
+    tasks may run in a container that has none."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist).group(0)  # up to the first comma outside brackets
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
+
+
+def _master_addr(env) -> str:
+    """The first node of the step, as an address: the batch script exports it (common.sh found it on the host);
+    otherwise its name, when it resolves, else Slurm's NodeAddr for it."""
+    first = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     try:
         socket.getaddrinfo(first, None)
         return first
     except socket.gaierror:
-        # torch waits forever on a name that does not resolve; Slurm knows the node's address.
-        info = subprocess.run(["scontrol", "show", "node", first], check=True, capture_output=True, text=True).stdout
-        for field in info.split():
-            if field.startswith("NodeAddr="):
-                return field.split("=", 1)[1]
-        raise RuntimeError(f"Slurm node {first!r} does not resolve and has no NodeAddr")
+        pass
+    try:  # torch would wait forever on a name that does not resolve
+        info = subprocess.run(["scontrol", "show", "node", "-o", first], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"error: Slurm node {first!r} does not resolve and scontrol cannot say its address ({exc}):"
+                         f" set MASTER_ADDR") from exc
+    addr = re.search(r"NodeAddr=(\S+)", info.stdout)
+    if not addr:
+        raise SystemExit(f"error: Slurm node {first!r} does not resolve and has no NodeAddr: set MASTER_ADDR")
+    return addr.group(1)
 
 
 def detect_launch(env=os.environ) -> Launch:
@@ -80,15 +96,26 @@ def detect_launch(env=os.environ) -> Launch:
     return Launch("single", 0, 1, 0)
 
 
+def rendezvous_timeout(env=os.environ) -> datetime.timedelta:
+    """How long the tasks of a Slurm step wait for each other at the start: ``$MOCO_RENDEZVOUS_TIMEOUT`` seconds
+    (the site config's), 600 by default. Short beside the collectives' timeout, so that a node that never starts
+    costs minutes of the other nodes' GPUs, not half an hour."""
+    value = env.get(RENDEZVOUS_ENV) or "600"
+    if not value.isdigit() or int(value) == 0:
+        raise SystemExit(f"error: {RENDEZVOUS_ENV}={value!r}: a number of seconds")
+    return datetime.timedelta(seconds=int(value))
+
+
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Join the process group of this launch on the device ``select_device(device)`` gives this rank; raises
-    ``moco.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them."""
+    ``moco.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them.
+    ``timeout_minutes`` bounds every collective (rank 0 scores validation while the others wait at a barrier)."""
     env = os.environ
     launch = detect_launch(env)
     launcher, rank, world_size, local_rank = launch.launcher, launch.rank, launch.world_size, launch.local_rank
     if launcher == "slurm":
-        if "MASTER_ADDR" not in env:  # a site or user may pin it; only then is scontrol not needed
-            env["MASTER_ADDR"] = _resolve_master_addr(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"]))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _master_addr(env)
         env.setdefault("MASTER_PORT", str(slurm_port(env["SLURM_JOB_ID"])))
     elif launcher == "single" and int(env.get("SLURM_NTASKS", "1")) > 1:
         log.warning("Slurm allocated %s tasks but this process was not started by srun: running alone",
@@ -99,15 +126,26 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
         raise SystemExit(f"error: {exc}") from exc
 
     if world_size > 1:
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            init_method="env://",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
+        group = dict(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                     timeout=datetime.timedelta(minutes=timeout_minutes),
+                     **({"device_id": device} if device.type == "cuda" else {}))
+        if launcher == "slurm":
+            dist.init_process_group(store=_rendezvous(env, rank, world_size), **group)
+        else:  # torchrun's agent runs the rendezvous
+            dist.init_process_group(init_method="env://", **group)
     return DistEnv(rank, world_size, local_rank, device, launcher)
+
+
+def _rendezvous(env, rank: int, world_size: int) -> dist.TCPStore:
+    """Rank 0 serves the store at MASTER_ADDR:MASTER_PORT and waits for all ranks; the others connect to it."""
+    addr, port, wait = env["MASTER_ADDR"], int(env["MASTER_PORT"]), rendezvous_timeout(env)
+    try:
+        return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=wait)
+    except (RuntimeError, OSError) as exc:  # DistStoreError and DistNetworkError are RuntimeErrors
+        raise SystemExit(f"error: rank {rank}: the {world_size} tasks did not all meet at {addr}:{port} within "
+                         f"{wait.total_seconds():.0f} s ({RENDEZVOUS_ENV}): a task that never started, or a node that "
+                         f"cannot reach {addr} (NCCL_SOCKET_IFNAME, MASTER_ADDR in the site config). "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def cleanup_distributed() -> None:

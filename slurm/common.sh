@@ -2,9 +2,10 @@
 # Shared by the job scripts in slurm/ and by submit.sh; sourced, never run.
 #
 # A job script finds the repository (REPO) from $SLURM_SUBMIT_DIR, sources this file and calls, in order:
-#   job_start STAGE [GROUP]  signal traps, log file, site config, environment, and the preflight (moco.doctor)
-#   knob NAME DEFAULT        each tunable: $<STAGE>_NAME, $<GROUP>_NAME, $NAME, else DEFAULT; so R1_EPOCHS=2 is
-#                            r1's alone, FPN_EXTRA_ARGS all three fine-tuning stages', WORKERS every job's
+#   job_start STAGE [GROUP]  signal traps, log file, site config, time limit check, environment, and the preflight
+#   knob NAME DEFAULT        each tunable: ${STAGE}_NAME, else ${GROUP}_NAME, else ALL_NAME, else DEFAULT; so
+#                            R1_EPOCHS=2 is r1's alone, FPN_EXTRA_ARGS the three fine-tuning stages', ALL_WORKERS
+#                            every job's. A bare NAME is never read: a leftover `export EPOCHS=1` changes nothing
 #   unpack_squashfs IMAGE DEST  data staging, when the site ships squashfs images
 #   run_tasks ARGS...        one task per GPU on every node through srun, then requeue when the time limit is near
 
@@ -23,13 +24,17 @@ load_config() {
     # shellcheck source=site.conf.example
     source "$conf" || die "site config $conf failed"
     SITE_CONF=$conf
+    [[ -n ${TASK_PYTHON:-} ]] || die "site config $conf sets no TASK_PYTHON (the Python that runs each task;" \
+        "called PYTHON before): add the line from slurm/site.conf.example"
 }
 
 knob() {
     local name=$1 value=$2 source
-    for source in "$1" ${GROUP:+"${GROUP}_$1"} "${STAGE}_$1"; do  # least specific first: the most specific wins
+    for source in "ALL_$1" ${GROUP:+"${GROUP}_$1"} "${STAGE}_$1"; do  # least specific first: the most specific wins
         [[ -n ${!source+x} ]] && value=${!source}
     done
+    [[ -n ${!name+x} ]] && log "  ignored: $name=${!name} from the environment (the knob is ${STAGE}_$name," \
+        "or ALL_$name)"
     printf -v "$name" '%s' "$value"
     log "  $name=$value"
 }
@@ -44,22 +49,67 @@ job_start() {
     mkdir -p "$LOG_DIR" || die "cannot create log directory $LOG_DIR"
     exec >>"$LOG_DIR/${SLURM_JOB_NAME}_${SLURM_JOB_ID}.out" 2>&1
     log "start on $(hostname -s), nodes ${SLURM_JOB_NODELIST:-?}, restart ${SLURM_RESTART_COUNT:-0}, repo $REPO"
+    keep_slurm_output
     load_config
+    check_time_limit
     if [[ -n ${ENV_SETUP:-} ]]; then
         eval "$ENV_SETUP" || die "ENV_SETUP failed: $ENV_SETUP"
     fi
     cd "$REPO" || die "cannot enter $REPO"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-    export MOCO_DEVICE CUDA_ARCHS  # read by moco.doctor and by every task's --device default
+    export MOCO_DEVICE CUDA_ARCHS MOCO_RENDEZVOUS_TIMEOUT  # read by moco.doctor and by every task
+    export_network
     preflight
     log "config $SITE_CONF; knobs:"
+}
+
+# Slurm writes its own lines (CANCELLED DUE TO TIME LIMIT, oom-kill, errors before this script's log starts) to the
+# job's --output file: where it is not in LOG_DIR (a plain sbatch writes it beside where sbatch ran), a link to it
+# sits beside this job's log.
+keep_slurm_output() {
+    local file link=$LOG_DIR/${SLURM_JOB_NAME}_${SLURM_JOB_ID}.slurm.out
+    file=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2-)
+    [[ -n $file && $file != /dev/null ]] || return 0
+    [[ $file -ef $link ]] || ln -sfn "$file" "$link" 2>/dev/null
+    log "Slurm's own messages for this job: $link"
+}
+
+# seconds DURATION: Slurm's [D-][HH:]MM:SS as seconds; fails for UNLIMITED and the like.
+seconds() {
+    local d=0 h=0 m s rest=$1
+    [[ $rest =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
+    d=${BASH_REMATCH[2]:-0} h=${BASH_REMATCH[4]:-0} m=${BASH_REMATCH[5]} s=${BASH_REMATCH[6]}
+    echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+
+# A job whose time limit is not above twice its warning lead (the script's --signal=B:USR1@LEAD) would be warned
+# within minutes of every start and requeue itself over and over, paying start-up (and the queue) each time for a
+# few steps: refuse it at once, saying what to give instead.
+check_time_limit() {
+    local lead limit
+    lead=$(sed -n 's/^#SBATCH --signal=B:USR1@\([0-9]*\).*/\1/p' "$0" | head -n1)
+    [[ -n $lead ]] || return 0  # no warning asked for (evaluation)
+    limit=$(seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null)") || return 0  # unlimited or unknown
+    (( limit >= 2 * lead )) || die "the time limit ($limit s) is too short for this job: it is warned $lead s" \
+        "before the limit to checkpoint, and would requeue itself every $(( limit > lead ? limit - lead : 0 )) s." \
+        "Give --time of at least $(( (2 * lead + 59) / 60 )) minutes"
+}
+
+# NCCL and gloo settings of the site config, for every task (srun passes the environment on).
+export_network() {
+    local name
+    for name in NCCL_SOCKET_IFNAME NCCL_DEBUG; do
+        [[ -n ${!name:-} ]] && export "${name?}"
+    done
+    [[ -n ${NCCL_SOCKET_IFNAME:-} ]] && export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$NCCL_SOCKET_IFNAME}
+    return 0
 }
 
 # Before any data is staged or read: the build, the driver, the GPUs this job was given, as the tasks will see
 # them (inside CONTAINER). A job given GPUs that CUDA cannot use stops here, with the doctor's one sentence.
 preflight() {
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
-    $CONTAINER "$PYTHON" -m moco.doctor || die "preflight failed (python -m moco.doctor, above); nothing was run"
+    $CONTAINER "$TASK_PYTHON" -m moco.doctor || die "preflight failed (python -m moco.doctor, above); nothing was run"
 }
 
 # unpack_squashfs IMAGE DEST: unpack once; a parallel or requeued job finds DEST complete or unpacks its own copy
@@ -88,15 +138,37 @@ on_warning() {
     [[ -n $TASKS_PID ]] && kill -USR1 "$TASKS_PID" 2>/dev/null
 }
 
+# Slurm sends SIGTERM to every process of the job, the tasks included: they checkpoint on their own. Passing it on
+# to srun would make srun kill the step, mid-checkpoint.
 on_terminate() {
-    log "SIGTERM (preemption, requeue or cancel): the tasks checkpoint and stop"
-    [[ -n $TASKS_PID ]] && kill -TERM "$TASKS_PID" 2>/dev/null
+    log "SIGTERM (preemption, requeue or cancel): the tasks received it too, and checkpoint and stop"
 }
 
+# requeue WHY: a bounded number of times (MAX_REQUEUES): a job warned soon after every start would otherwise
+# churn through the queue without end.
 requeue() {
-    log "$1: requeueing job $SLURM_JOB_ID"
+    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20}
+    if (( restarts >= max )); then
+        log "error: $1, but job $SLURM_JOB_ID has already run $(( restarts + 1 )) time(s) (MAX_REQUEUES=$max):" \
+            "not requeueing it again. Its checkpoint is kept: submit the same script again to continue from it," \
+            "with a longer --time if the time limit is what stopped it each time"
+        exit 75
+    fi
+    log "$1: requeueing job $SLURM_JOB_ID (restart $(( restarts + 1 )) of at most $max)"
     scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
     exit 0
+}
+
+# The rendezvous address of a multi-task step: the job's first node, found here on the host, because the tasks
+# may run in a CONTAINER without Slurm's commands. A node name that does not resolve gives its NodeAddr.
+rendezvous_host() {
+    local first
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) || return 1
+    if getent hosts "$first" >/dev/null; then
+        echo "$first"
+    else
+        scontrol show node -o "$first" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2
+    fi
 }
 
 run_tasks() {
@@ -112,11 +184,16 @@ run_tasks() {
     local cpus=$(( cores / per_node ))
     (( cpus > 0 )) || cpus=1
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
-    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each:" \
-        "${CONTAINER:+$CONTAINER }$PYTHON $*"
+    if (( per_node * ${SLURM_JOB_NUM_NODES:-1} > 1 )) && [[ -z ${MASTER_ADDR:-} ]]; then
+        MASTER_ADDR=$(rendezvous_host) && [[ -n $MASTER_ADDR ]] || die "no address for the first node of" \
+            "$SLURM_JOB_NODELIST (scontrol show hostnames / show node): set MASTER_ADDR in the site config"
+        export MASTER_ADDR
+    fi
+    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each${MASTER_ADDR:+, rendezvous" \
+        "at $MASTER_ADDR}: ${CONTAINER:+$CONTAINER }$TASK_PYTHON $*"
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
     srun --ntasks-per-node="$per_node" --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
-        $CONTAINER "$PYTHON" "$@" &
+        $CONTAINER "$TASK_PYTHON" "$@" &
     TASKS_PID=$!
     while kill -0 "$TASKS_PID" 2>/dev/null; do
         wait "$TASKS_PID"  # returns early when a trap runs

@@ -6,16 +6,18 @@
                                      [--gpus-per-node G] [--timeout-min M] [--folder DIR]
 
 The same site config (read by bash through common.sh), the same knobs in the environment (R1_EPOCHS=2,
-FPN_EXTRA_ARGS=..., WORKERS=...), the same command lines, outputs and resources as the job scripts; the stages
-are chained afterok, a failed one cancels those after it. Prints "<stage> <job id>" per job; submitit's files and
-each job's log (<job id>_0_log.out/.err) go to --folder, default $LOG_DIR/submitit.
+FPN_EXTRA_ARGS=..., ALL_WORKERS=...), the same command lines, outputs and resources as the job scripts; the stages
+are chained afterok, a failed one cancels those after it; a submission is a run of its own, as with submit.sh.
+Prints "<stage> <job id>" per job; submitit's files and each job's log (<job id>_0_log.out/.err, Slurm's own lines
+included) go to --folder, default $LOG_DIR/submitit.
 
 Time limit and preemption: Slurm sends SIGUSR2 (submitit's signal) before the time limit, and on preemption where
 SlurmctldParameters has preempt_send_user_signal; SIGTERM on preemption, requeue or cancel. In a training stage
 either one stops the run at the next step with checkpoint_last, as in the shell path (moco.preemption); after
 SIGUSR2 the job then requeues itself through submitit's own handler, after SIGTERM Slurm requeues it (or it was
 cancelled, and fails with status 75). The rerun calls the same main with the same argv, which resumes from
-checkpoint_last. Evaluation has no step-level stop: submitit requeues it at once and it starts over.
+checkpoint_last. Evaluation has no step-level stop: submitit requeues it at once and it starts over. submitit
+bounds the time-limit requeues by MAX_REQUEUES of the site config; it does not count preemptions.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,9 +45,7 @@ from moco.logger import get_logger, setup_logging  # noqa: E402
 log = get_logger("slurm.launch")
 
 CPUS_PER_TASK = 6  # the scripts' --cpus-per-gpu=6, one task per GPU
-MEM_PER_GPU = "30G"
-# The shell path requeues without limit; submitit counts time-outs (not preemptions) and needs a bound.
-MAX_TIMEOUTS = 20
+MEM_PER_GPU = "24G"
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,22 @@ STAGES = {
 def read_config() -> dict[str, str]:
     """The environment after common.sh's load_config, as a job script sees it: bash sources the site config, so it
     has a single reader and keeps its rule that values already in the environment win. `set -a` exports what the
-    file assigns, so that `env -0` lists it."""
+    file assigns, so that `env -0` lists it. As in submit.sh, a submission is a run of its own (RUN_NAME: the date
+    and time) unless RUN_NAME or RUN_DIR is set."""
+    env = {**os.environ, "REPO": str(REPO)}
+    if not env.get("RUN_NAME") and not env.get("RUN_DIR"):
+        env["RUN_NAME"] = time.strftime("%Y%m%d-%H%M%S")
     script = 'source "$REPO/slurm/common.sh" && set -a && load_config >&2 && env -0'
-    done = subprocess.run(["bash", "-c", script], env={**os.environ, "REPO": str(REPO)}, stdout=subprocess.PIPE)
+    done = subprocess.run(["bash", "-c", script], env=env, stdout=subprocess.PIPE)
     if done.returncode:
         raise SystemExit(f"reading the site config failed (status {done.returncode}, see above)")
     return dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
 
 
 def knob(cfg: dict[str, str], stage: str, group: str, name: str, default: str) -> str:
-    """common.sh's knob: $<STAGE>_<NAME>, then $<GROUP>_<NAME>, then $<NAME>; set counts, even when empty."""
-    for key in (f"{stage}_{name}", *([f"{group}_{name}"] if group else []), name):
+    """common.sh's knob: $<STAGE>_<NAME>, then $<GROUP>_<NAME>, then $ALL_<NAME>; set counts, even when empty. A
+    bare <NAME> is never read."""
+    for key in (f"{stage}_{name}", *([f"{group}_{name}"] if group else []), f"ALL_{name}"):
         if key in cfg:
             return cfg[key]
     return default
@@ -154,10 +160,14 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
     # The batch script's shell, before the tasks start, as job_start and run_tasks set it up.
     setup = [f"eval {shlex.quote(cfg['ENV_SETUP'])} || {{ echo 'ENV_SETUP failed' >&2; exit 1; }}"] \
         if cfg.get("ENV_SETUP") else []
-    python = " ".join(filter(None, [cfg.get("CONTAINER"), shlex.quote(cfg["PYTHON"])]))  # CONTAINER: a prefix
+    python = " ".join(filter(None, [cfg.get("CONTAINER"), shlex.quote(cfg["TASK_PYTHON"])]))  # CONTAINER: a prefix
     setup += [f"cd {shlex.quote(str(REPO))} || exit 1",
               f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
-              *(f"export {name}={shlex.quote(cfg.get(name, ''))}" for name in ("MOCO_DEVICE", "CUDA_ARCHS")),
+              *(f"export {name}={shlex.quote(cfg[name])}" for name in ("MOCO_DEVICE", "CUDA_ARCHS",
+                "MOCO_RENDEZVOUS_TIMEOUT", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG") if cfg.get(name)),
+              f"source {shlex.quote(str(REPO / 'slurm' / 'common.sh'))}", "export_network",
+              # common.sh's: the tasks may run in a container without Slurm's commands to find the first node.
+              "export MASTER_ADDR=${MASTER_ADDR:-$(rendezvous_host)}",
               # common.sh's preflight: a job given GPUs that CUDA cannot use stops before any data is read.
               f"{python} -m moco.doctor || {{ echo 'preflight failed (python -m moco.doctor, above)' >&2; exit 1; }}",
               # Threads a task: its CPUs, capped like run_tasks at the cores the node really gives.
@@ -178,10 +188,9 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
         argv = stage_argv(stage, cfg)
         gpus = stage.gpus if args.gpus_per_node is None else args.gpus_per_node
         image, directory = (cfg.get(var, "") for var in stage.data)
-        unpack = [f"source {shlex.quote(str(REPO / 'slurm' / 'common.sh'))}",
-                  f"unpack_squashfs {shlex.quote(image)} {shlex.quote(directory)}"] if image else []
+        unpack = [f"unpack_squashfs {shlex.quote(image)} {shlex.quote(directory)}"] if image else []
         executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_python=python,
-                                         slurm_max_num_timeout=MAX_TIMEOUTS)
+                                         slurm_max_num_timeout=int(cfg.get("MAX_REQUEUES") or 20))
         executor.update_parameters(  # None: not set (submitit drops it)
             name=stage.script, nodes=args.nodes, tasks_per_node=max(gpus, 1), gpus_per_node=gpus or None,
             cpus_per_task=CPUS_PER_TASK, timeout_min=args.timeout_min or stage.hours * 60,
@@ -212,12 +221,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.stages = args.stages.split(",")
     if any(s not in STAGES for s in args.stages) or args.stages != sorted(set(args.stages), key=list(STAGES).index):
         p.error(f"--stages {','.join(args.stages)}: a subset of {','.join(STAGES)}, in this order")
+    for name in args.stages:  # common.sh's check_time_limit: a warning minutes after every start would churn
+        lead = STAGES[name].warn_s
+        if args.timeout_min and lead and args.timeout_min * 60 < 2 * lead:
+            p.error(f"--timeout-min {args.timeout_min}: stage {name} is warned {lead} s before its time limit to "
+                    f"checkpoint and would requeue itself every few minutes; give at least {2 * lead // 60}")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, submitit.Job]]:
     args = parse_args(argv)
     cfg = read_config()
+    log.info("run directory: %s", cfg["RUN_DIR"])
     log.info("config %s", cfg["SITE_CONF"])
     return submit(args.stages, cfg, args)
 

@@ -6,11 +6,18 @@
 #   slurm/submit.sh --after 1234 demo_mocov2_fpn_r2 -- --time=1:00:00     (options after -- go to every sbatch)
 #
 # `make pipeline` runs the first line. Knobs travel in the environment: R1_EPOCHS=2 slurm/submit.sh ...
+# Each submission is a run of its own: RUN_NAME is the date and time unless RUN_NAME or RUN_DIR is set (to add
+# stages to an existing run, set it). Slurm's own output of each job goes to LOG_DIR, beside the job's log.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=common.sh
 source "$REPO/slurm/common.sh"
+[[ -n ${RUN_NAME:-} || -n ${RUN_DIR:-} ]] || { RUN_NAME=$(date +%Y%m%d-%H%M%S); export RUN_NAME; }
 load_config >&2
+export RUN_DIR  # the jobs read this one run, whatever the config would derive at their start
+LOG_DIR=${LOG_DIR:-$REPO/slurm/logs}
+mkdir -p "$LOG_DIR"
+log "run directory: $RUN_DIR" >&2
 
 after="" names=()
 while (( $# )); do
@@ -32,7 +39,8 @@ for name in "${names[@]}"; do
     esac
     # shellcheck disable=SC2086  # SBATCH_EXTRA is a list of options
     id=$(sbatch --parsable --partition="$partition" ${ACCOUNT:+--account="$ACCOUNT"} \
-        ${after:+--dependency=afterok:$after --kill-on-invalid-dep=yes} $SBATCH_EXTRA "$@" "$name.slurm")
+        --output="$LOG_DIR/%x_%j.slurm.out" ${after:+--dependency=afterok:$after --kill-on-invalid-dep=yes} \
+        $SBATCH_EXTRA "$@" "$name.slurm")
     after=${id%%;*}
     echo "$name $after"
 done

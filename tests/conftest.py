@@ -56,5 +56,5 @@ def slurm_env(slurm_cluster) -> dict:
     """Environment for sbatch: this cluster, this virtualenv's Python in the jobs, no site config of the user, and
     the CPU chosen on purpose: the cluster's GPUs are fake, and a job given GPUs it cannot use refuses to run."""
     env = slurm_cluster.env(_clean_env())
-    env.update(PYTHON=sys.executable, SITE_CONF=str(ROOT / "slurm" / "site.conf.example"), MOCO_DEVICE="cpu")
+    env.update(TASK_PYTHON=sys.executable, SITE_CONF=str(ROOT / "slurm" / "site.conf.example"), MOCO_DEVICE="cpu")
     return env

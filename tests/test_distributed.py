@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -33,9 +34,12 @@ def test_single_process_without_launcher(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_slurm_port_follows_job_id():
+def test_slurm_port_follows_job_id_below_the_ephemeral_range():
+    """Outgoing connections take their ports from 32768-60999 (Linux's default): a rendezvous port there can be
+    taken by any connection on the node."""
     assert slurm_port("123") == slurm_port("123") != slurm_port("124")
-    assert all(20000 <= slurm_port(str(j)) < 40000 for j in (1, 19999, 20000, 987654321))
+    ports = [slurm_port(str(j)) for j in range(100_000)]
+    assert min(ports) == 20000 and max(ports) == 32767
 
 
 @pytest.mark.slow
@@ -72,16 +76,60 @@ def test_slurm_srun_environment_is_detected(tiny_data, tmp_path, subprocess_env)
     _assert_same_weights(tmp_path / "rank")
 
 
-def test_rendezvous_host_falls_back_to_node_address(tmp_path, monkeypatch):
-    """A node name that does not resolve would hang torch forever; Slurm's NodeAddr is used instead."""
-    from moco.distributed import _resolve_master_addr
+@pytest.mark.parametrize("nodelist, first", [
+    ("n1", "n1"), ("n[1-2]", "n1"), ("gpu[07-09,12],cpu3", "gpu07"), ("a1,b[2-3]", "a1"),
+    ("rack[2-3]-node[04-05]", "rack2-node04"), ("x-[001-004]", "x-001"), ("c[5,1-2]", "c5")])
+def test_first_host_reads_slurm_node_lists(nodelist, first):
+    from moco.distributed import first_host
 
-    fake = tmp_path / "scontrol"
-    fake.write_text('#!/bin/sh\n'
-                    'if [ "$2" = hostnames ]; then printf "%s\\n" no-such-node.invalid other; '
-                    'else echo "NodeName=no-such-node.invalid Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=x"; fi\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    assert _resolve_master_addr("no-such-node.invalid,other") == "10.1.2.3"
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" localhost other\n')
-    assert _resolve_master_addr("localhost,other") == "localhost"
+    assert first_host(nodelist) == first
+
+
+def _no_scontrol(tmp_path, monkeypatch, script: str | None):
+    """PATH with only a fake scontrol (or none): the tasks of a container without Slurm's commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if script is not None:
+        (bin_dir / "scontrol").write_text(script)
+        (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_rendezvous_host_needs_no_slurm_commands(tmp_path, monkeypatch):
+    from moco.distributed import _master_addr
+
+    _no_scontrol(tmp_path, monkeypatch, None)
+    assert _master_addr({"SLURM_JOB_NODELIST": "localhost,other"}) == "localhost"
+    assert _master_addr({"SLURM_JOB_NODELIST": "x", "SLURM_STEP_NODELIST": "localhost"}) == "localhost"
+    with pytest.raises(SystemExit, match=r"'no-such-node\.invalid' does not resolve.*set MASTER_ADDR"):
+        _master_addr({"SLURM_JOB_NODELIST": "no-such-node.invalid,other"})
+
+
+def test_rendezvous_host_falls_back_to_node_address(tmp_path, monkeypatch):
+    """A node name that does not resolve would hang torch forever; Slurm's NodeAddr is used where scontrol is."""
+    from moco.distributed import _master_addr
+
+    _no_scontrol(tmp_path, monkeypatch, '#!/bin/sh\necho "NodeName=$4 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=x"\n')
+    assert _master_addr({"SLURM_JOB_NODELIST": "no-such-node[1-2].invalid"}) == "10.1.2.3"
+
+
+def test_a_task_whose_peers_never_come_stops_at_the_rendezvous_timeout(subprocess_env):
+    """Rank 0 of 2 alone: it stops after MOCO_RENDEZVOUS_TIMEOUT with a sentence, not after half an hour."""
+    env = dict(subprocess_env, SLURM_JOB_ID="4243", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), MOCO_RENDEZVOUS_TIMEOUT="2", MOCO_DEVICE="cpu")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", "from moco.distributed import init_distributed; init_distributed()"],
+                            env=env, cwd=env["PYTHONPATH"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr[-2000:]
+    assert "error: rank 0: the 2 tasks did not all meet at 127.0.0.1:" in result.stderr
+    assert "within 2 s (MOCO_RENDEZVOUS_TIMEOUT)" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5"])
+def test_rendezvous_timeout_must_be_seconds(value):
+    from moco.distributed import rendezvous_timeout
+
+    assert rendezvous_timeout({}).total_seconds() == 600
+    with pytest.raises(SystemExit, match=f"MOCO_RENDEZVOUS_TIMEOUT='{value}': a number of seconds"):
+        rendezvous_timeout({"MOCO_RENDEZVOUS_TIMEOUT": value})

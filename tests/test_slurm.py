@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["moco_v2", "demo_mocov2_fpn_r1", "demo_mocov2_fpn_r2", "demo_mocov2_fpn_r3", "eval_mocov2_fpn"]
 # Tiny-data settings: the knobs users set the same way (sbatch --export or the environment of submit.sh).
-TINY_MOCO = {"ARCH": "resnet18", "MOCO_BATCH_SIZE": "32",
+TINY_MOCO = {"MOCO_ARCH": "resnet18", "MOCO_BATCH_SIZE": "32",
              "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 1"}
 TINY_FPN = {"FPN_BATCH_SIZE": "4", "FPN_EXTRA_ARGS": "--min-size 160 --max-size 256 --rois-per-image 32 "
             "--fpn-channels 64 -p 1 --norm sync --trainable-layers 5"}
@@ -34,7 +34,7 @@ ONE_TASK = ["--gres=gpu:1"]  # one task (on the CPU): the fake GPUs only steer t
 def job_env(slurm_env, tiny_data, tmp_path):
     """Knobs for a job on the tiny data, writing to this test's own run and log directories."""
     return {**slurm_env, "UNLABELED_DIR": str(tiny_data / "train"), "LABELED_ROOT": str(tiny_data / "labeled"),
-            "RUN_DIR": str(tmp_path / "run"), "LOG_DIR": str(tmp_path / "logs"), "WORKERS": "0",
+            "RUN_DIR": str(tmp_path / "run"), "LOG_DIR": str(tmp_path / "logs"), "ALL_WORKERS": "0",
             "OMP_NUM_THREADS": "2", **TINY_MOCO, **TINY_FPN}
 
 
@@ -121,18 +121,37 @@ def test_full_pipeline_of_the_five_scripts_on_tiny_data(job_env, tiny_data, tmp_
     print(f"pipeline of 5 jobs: {time.monotonic() - start:.0f} s")
 
 
-@pytest.mark.parametrize("options, nodes", [(["--gres=gpu:2"], 1), (["--nodes=2", "--gres=gpu:1"], 2)],
-                         ids=["2-tasks-1-node", "2-nodes"])
-def test_ddp_through_srun(job_env, options, nodes):
-    """One task per (fake) GPU on every node, gloo DDP; the node names do not resolve, so the rendezvous falls
-    back to Slurm's NodeAddr. Submitted from the repository root this time."""
-    env = {**job_env, "EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+def _container_without_slurm(tmp_path) -> str:
+    """A CONTAINER prefix whose tasks see none of Slurm's commands (most images have none): PATH is an empty
+    folder (TASK_PYTHON is an absolute path). It notes what the task could find of scontrol."""
+    (tmp_path / "empty").mkdir()
+    wrapper = tmp_path / "container"
+    wrapper.write_text(f'#!/bin/bash\nexport PATH={tmp_path / "empty"}\n'
+                       f'echo "scontrol: $(command -v scontrol || echo none)" >>{tmp_path / "seen"}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+@pytest.mark.parametrize("options, nodes, container", [(["--gres=gpu:2"], 1, False),
+                                                       (["--nodes=2", "--gres=gpu:1"], 2, False),
+                                                       (["--nodes=2", "--gres=gpu:1"], 2, True)],
+                         ids=["2-tasks-1-node", "2-nodes", "2-nodes-container-without-slurm"])
+def test_ddp_through_srun(job_env, tmp_path, options, nodes, container):
+    """One task per (fake) GPU on every node, gloo DDP. The node names do not resolve: the batch shell finds the
+    first node's NodeAddr on the host, so that tasks in a container without Slurm's commands meet there too.
+    Submitted from the repository root this time."""
+    env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    if container:
+        env["CONTAINER"] = _container_without_slurm(tmp_path)
     job_id = sbatch(env, "slurm/moco_v2.slurm", *options, cwd=ROOT)
     info = wait_done(env, job_id)
     log = log_of(env, "moco_v2", job_id)
     assert info["JobState"] == "COMPLETED", log
-    assert f"srun: {nodes} node(s) x {2 // nodes} task(s)" in log
+    srun = rf"srun: {nodes} node\(s\) x {2 // nodes} task\(s\), \d+ CPU\(s\) each, rendezvous at 127\.0\.0\.1:"
+    assert re.search(srun, log), log
     assert "launch slurm: rank 0 of 2" in log
+    if container:  # the preflight and both tasks ran inside it
+        assert (tmp_path / "seen").read_text().splitlines() == ["scontrol: none"] * 3
     with pytest.raises(socket.gaierror):  # so the tasks met at n1's NodeAddr
         socket.getaddrinfo("n1", None)
     assert info["NodeList"] == "n[1-2]" if nodes == 2 else info["NodeList"] in ("n1", "n2")
@@ -153,7 +172,7 @@ SLOWER_MOCO = {"MOCO_EXTRA_ARGS": TINY_MOCO["MOCO_EXTRA_ARGS"].replace("32", "64
 
 
 def test_scontrol_requeue_mid_pretraining_resumes_from_the_step(job_env):
-    env = {**job_env, **SLOWER_MOCO, "EPOCHS": "3"}
+    env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3"}
     info, log = _interrupt_then_finish(
         env, "moco_v2", lambda job: subprocess.run(["scontrol", "requeue", job], env=env, check=True),
         r"epoch 1 step [2-5]/8")
@@ -169,7 +188,7 @@ def test_scontrol_requeue_mid_pretraining_resumes_from_the_step(job_env):
 
 def test_scontrol_requeue_mid_r1_resumes_from_the_step(job_env, tmp_path):
     backbone = _tiny_backbone(job_env)
-    env = {**job_env, "BACKBONE": str(backbone), "EPOCHS": "3", "LR": "0.01"}
+    env = {**job_env, "R1_BACKBONE": str(backbone), "R1_EPOCHS": "3", "R1_LR": "0.01"}
     info, log = _interrupt_then_finish(
         env, "demo_mocov2_fpn_r1", lambda job: subprocess.run(["scontrol", "requeue", job], env=env, check=True),
         r"epoch 1 step [2-8]/12")
@@ -182,14 +201,14 @@ def test_scontrol_requeue_mid_r1_resumes_from_the_step(job_env, tmp_path):
 
 
 def _tiny_backbone(env) -> Path:
-    job_id = sbatch({**env, "EPOCHS": "1"}, "moco_v2.slurm", *ONE_TASK)
+    job_id = sbatch({**env, "MOCO_EPOCHS": "1"}, "moco_v2.slurm", *ONE_TASK)
     assert wait_done(env, job_id)["JobState"] == "COMPLETED", log_of(env, "moco_v2", job_id)
     return Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(job_env):
     """What --signal=B:USR1@300 does before the time limit, delivered now with scancel."""
-    env = {**job_env, **SLOWER_MOCO, "EPOCHS": "3"}
+    env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3"}
     info, log = _interrupt_then_finish(
         env, "moco_v2",
         lambda job: subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True),
@@ -203,7 +222,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(job_env):
 
 
 def test_failing_stage_cancels_the_stages_after_it(job_env, tmp_path):
-    env = {**job_env, "BACKBONE": str(tmp_path / "missing.pth.tar")}
+    env = {**job_env, "R1_BACKBONE": str(tmp_path / "missing.pth.tar")}
     out = subprocess.run([str(ROOT / "slurm" / "submit.sh"), *SCRIPTS[1:], "--", *ONE_TASK], env=env, check=True,
                          capture_output=True, text=True, timeout=60).stdout
     ids = dict(line.split() for line in out.splitlines())
@@ -254,3 +273,53 @@ def test_job_given_gpus_that_cuda_cannot_use_stops_at_the_preflight(job_env, tmp
     assert "preflight failed" in log and "--device cpu or MOCO_DEVICE=cpu" in log
     assert "unsquashfs" not in log and "unlabeled.sqsh" not in log and "srun:" not in log
     assert not (tmp_path / "unlabeled").exists() and not Path(env["RUN_DIR"]).exists()
+
+
+def test_time_limit_not_above_twice_the_warning_lead_is_refused(job_env):
+    """--signal=B:USR1@300 with --time=4:00 would warn the job at once after every start: it is refused at once."""
+    job = sbatch(job_env, "moco_v2.slurm", *ONE_TASK, "--time=00:04:00")
+    info = wait_done(job_env, job, timeout=120)
+    log = log_of(job_env, "moco_v2", job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
+    assert "error: the time limit (240 s) is too short for this job: it is warned 300 s before the limit" in log
+    assert "Give --time of at least 10 minutes" in log and "srun:" not in log
+
+
+def test_requeues_stop_at_max_requeues_with_the_checkpoint_kept(job_env):
+    """MAX_REQUEUES=0: the first warning checkpoints, and the job ends there (FAILED, exit 75, dependents
+    cancelled) with a message saying why and how to go on, instead of requeueing."""
+    env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3", "MAX_REQUEUES": "0"}
+    info, log = _interrupt_then_finish(
+        env, "moco_v2",
+        lambda job: subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True),
+        r"epoch 1 step [2-5]/8", timeout=300)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", log
+    assert "stopped by SIGUSR1 at step" in log and "requeueing job" not in log
+    assert re.search(r"error: checkpoint saved, but job \d+ has already run 1 time\(s\) \(MAX_REQUEUES=0\): not "
+                     r"requeueing it again\. Its checkpoint is kept: submit the same script again", log), log
+    assert checkpoint.load(Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST)["epoch"] >= 1
+
+
+def test_slurms_own_messages_are_kept_beside_the_log(job_env):
+    """A plain sbatch: Slurm writes its file beside where sbatch ran; the log folder links to it, and Slurm's own
+    line for a cancelled job is there."""
+    env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3"}
+    info, log = _interrupt_then_finish(
+        env, "moco_v2", lambda job: subprocess.run(["scancel", job], env=env, check=True), r"epoch 1 step")
+    job = info["JobId"]
+    link = Path(env["LOG_DIR"]) / f"moco_v2_{job}.slurm.out"
+    assert info["JobState"] == "CANCELLED" and f"Slurm's own messages for this job: {link}" in log, log
+    assert link.resolve() == ROOT / "slurm" / f"moco_v2_{job}.slurm.out"
+    try:
+        assert re.search(rf"\*\*\* JOB {job} ON n\d CANCELLED AT ", wait_for(link.read_text, 30, "Slurm's line"))
+    finally:
+        link.resolve().unlink()
+
+
+def test_a_job_that_cannot_find_the_repository_says_so_in_slurms_file(job_env, tmp_path):
+    """Submitted from outside the repository: the job fails before its own log exists, and says why in the
+    file Slurm writes where sbatch ran."""
+    job = sbatch(job_env, str(ROOT / "slurm" / "moco_v2.slurm"), *ONE_TASK, cwd=tmp_path)
+    assert wait_done(job_env, job, timeout=60)["JobState"] == "FAILED"
+    text = (tmp_path / f"moco_v2_{job}.slurm.out").read_text()
+    assert f"no slurm/common.sh in or above {tmp_path}: submit from inside the repository, or set PIPELINE_REPO" in text

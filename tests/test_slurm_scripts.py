@@ -39,13 +39,18 @@ def test_local_cluster_has_the_example_configs_partitions():
     assert set(local_cluster.DEFAULT_PARTITIONS) == set(example_config().values())
 
 
-def test_knob_takes_the_most_specific_name():
+def test_knob_takes_the_most_specific_name_and_never_a_bare_one():
+    """R1_ over FPN_ over ALL_; a leftover `export EPOCHS=1` or `export WORKERS=0` is ignored, and the log says so."""
     common = f'REPO={ROOT}; source {SLURM}/common.sh; STAGE=R1 GROUP=FPN; '
-    env = {"PATH": "/usr/bin:/bin", "EPOCHS": "5", "FPN_EPOCHS": "6", "R1_EPOCHS": "7", "WORKERS": "2",
-           "FPN_LR": "0.1"}
+    env = {"PATH": "/usr/bin:/bin", "EPOCHS": "1", "ALL_EPOCHS": "5", "FPN_EPOCHS": "6", "R1_EPOCHS": "7",
+           "WORKERS": "0", "ALL_WORKERS": "2", "FPN_LR": "0.1", "BATCH_SIZE": "64"}
     out = bash(common + 'knob EPOCHS 23 >/dev/null; knob WORKERS 4 >/dev/null; knob LR "" >/dev/null; '
-               'knob BATCH_SIZE 4 >/dev/null; echo "$EPOCHS $WORKERS $LR $BATCH_SIZE"', env)
+               'knob BATCH_SIZE 4 >&2; echo "$EPOCHS $WORKERS $LR $BATCH_SIZE"', env)
     assert out.split() == ["7", "2", "0.1", "4"]
+    log = subprocess.run(["bash", "-c", common + "knob BATCH_SIZE 4"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "ignored: BATCH_SIZE=64 from the environment (the knob is R1_BATCH_SIZE, or ALL_BATCH_SIZE)" in log
+    assert log.rstrip().endswith("BATCH_SIZE=4")
 
 
 def test_config_values_from_the_environment_win():

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # r1 on a 1-epoch backbone diverges with the recipe's lr and frozen BatchNorm (as in test_demo_train), and bf16
 # autocast on this CPU is 5x slower than fp32.
-TINY = {"ARCH": "resnet18", "BATCH_SIZE": "32", "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 0",
-        "MOCO_EPOCHS": "1", "FPN_BATCH_SIZE": "4", "R1_EPOCHS": "1", "R1_LR": "0.01", "WORKERS": "0",
+TINY = {"MOCO_ARCH": "resnet18", "MOCO_BATCH_SIZE": "32",
+        "MOCO_EXTRA_ARGS": "--image-size 32 --moco-k 256 --bn-splits 4 -p 0",
+        "MOCO_EPOCHS": "1", "FPN_BATCH_SIZE": "4", "R1_EPOCHS": "1", "R1_LR": "0.01", "ALL_WORKERS": "0",
         "FPN_EXTRA_ARGS": "--min-size 160 --max-size 256 --rois-per-image 32 --fpn-channels 64 -p 0 --val-batch-size 8 "
                           "--norm sync --trainable-layers 5 --precision off"}
 
@@ -32,16 +33,19 @@ def _set_environ(monkeypatch, env: dict) -> None:
 
 
 def test_knob_resolution_order_matches_common_sh():
-    cfg = {"R1_EPOCHS": "2", "FPN_EPOCHS": "5", "EPOCHS": "9", "FPN_LR": "", "LR": "0.1", "MOCO_WORKERS": "1",
-           "WORKERS": "3", "EVAL_SPLIT": ""}
-    cases = [("R1", "FPN", "EPOCHS", "23"), ("R2", "FPN", "EPOCHS", "27"), ("MOCO", "", "EPOCHS", "100"),
-             ("R3", "FPN", "LR", ""), ("MOCO", "", "LR", "0.015"), ("MOCO", "", "WORKERS", "5"),
-             ("R2", "FPN", "WORKERS", "4"), ("EVAL", "", "SPLIT", "validation"), ("EVAL", "", "ARCH", "resnet50")]
+    """Stage, then group, then ALL_; a bare name (a leftover `export EPOCHS=1`) is never read; set-but-empty counts."""
+    cfg = {"R1_EPOCHS": "2", "FPN_EPOCHS": "5", "EPOCHS": "1", "FPN_LR": "", "ALL_LR": "0.1", "LR": "7",
+           "MOCO_WORKERS": "1", "ALL_WORKERS": "3", "WORKERS": "0", "EVAL_SPLIT": "", "ARCH": "resnet18"}
+    cases = [("R1", "FPN", "EPOCHS", "23", "2"), ("R2", "FPN", "EPOCHS", "27", "5"),
+             ("MOCO", "", "EPOCHS", "100", "100"),
+             ("R3", "FPN", "LR", "", ""), ("MOCO", "", "LR", "0.015", "0.1"), ("MOCO", "", "WORKERS", "5", "1"),
+             ("R2", "FPN", "WORKERS", "4", "3"), ("EVAL", "", "SPLIT", "validation", ""),
+             ("MOCO", "", "ARCH", "resnet50", "resnet50")]
     script = 'source slurm/common.sh; STAGE=$1 GROUP=$2; knob "$3" "$4" >/dev/null; printf %s "${!3}"'
-    for stage, group, name, default in cases:
+    for stage, group, name, default, expected in cases:
         shell = subprocess.run(["bash", "-c", script, "knob", stage, group, name, default], cwd=ROOT, check=True,
                                env={"PATH": os.environ["PATH"], **cfg}, capture_output=True, text=True).stdout
-        assert launch.knob(cfg, stage, group, name, default) == shell, (stage, group, name)
+        assert launch.knob(cfg, stage, group, name, default) == shell == expected, (stage, group, name)
 
 
 def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
@@ -54,9 +58,11 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
     for tool in ("srun", "python"):
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SITE_CONF": str(ROOT / "slurm" / "site.conf.example"),
-           "PYTHON": str(bin_dir / "python"), "CALLS": str(tmp_path / "calls"), "LOG_DIR": str(tmp_path / "logs"), "RUN_DIR": str(tmp_path / "run dir"),
+           "TASK_PYTHON": str(bin_dir / "python"), "CALLS": str(tmp_path / "calls"), "LOG_DIR": str(tmp_path / "logs"),
+           "RUN_DIR": str(tmp_path / "run dir"),
            "SLURM_SUBMIT_DIR": str(ROOT / "slurm"), "SLURM_JOB_ID": "7", "SRUN_RECORD": str(tmp_path / "argv"),
-           "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0", "WORKERS": "3"}
+           "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0",
+           "ALL_WORKERS": "3"}
     _set_environ(monkeypatch, env)
     cfg = launch.read_config()
     assert cfg["PRETRAIN_PARTITION"] == "v100-4" and cfg["RUN_DIR"] == env["RUN_DIR"]
@@ -66,7 +72,7 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
                        env={**env, "SLURM_JOB_NAME": stage.script})
         assert (tmp_path / "calls").read_text().splitlines() == ["python -m moco.doctor", "srun"], stage.script
         recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
-        python = recorded.index(env["PYTHON"])
+        python = recorded.index(env["TASK_PYTHON"])
         assert recorded[python + 1:] == ["-m", stage.module, *launch.stage_argv(stage, cfg)], stage.script
 
 
