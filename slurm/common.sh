@@ -189,8 +189,9 @@ run_tasks() {
             "$SLURM_JOB_NODELIST (scontrol show hostnames / show node): set MASTER_ADDR in the site config"
         export MASTER_ADDR
     fi
-    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each${MASTER_ADDR:+, rendezvous" \
-        "at $MASTER_ADDR}: ${CONTAINER:+$CONTAINER }$TASK_PYTHON $*"
+    local meet=${MASTER_ADDR:+, rendezvous at $MASTER_ADDR}
+    log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each$meet:" \
+        "${CONTAINER:+$CONTAINER }$TASK_PYTHON $*"
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
     srun --ntasks-per-node="$per_node" --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
         $CONTAINER "$TASK_PYTHON" "$@" &
