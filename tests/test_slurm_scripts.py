@@ -2,6 +2,7 @@
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,44 @@ def test_unpack_squashfs_is_all_or_nothing(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "unsquashfs" in result.stdout
     assert not (tmp_path / "data").exists()
+
+
+def test_each_submission_is_a_run_of_its_own_and_keeps_slurms_output(tmp_path):
+    """submit.sh (make pipeline): every job of one submission gets the same new RUN_DIR, named after the date and
+    time; the next submission another; RUN_DIR or RUN_NAME given: that run. Slurm's own output goes to LOG_DIR."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$RUN_DIR $*" >>"$RECORD"\necho $((RANDOM + 1))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(tmp_path / "record"), "LOG_DIR": str(tmp_path / "logs")}
+
+    def submit(**extra) -> list[list[str]]:
+        (tmp_path / "record").unlink(missing_ok=True)
+        subprocess.run([str(SLURM / "submit.sh"), "moco_v2", "demo_mocov2_fpn_r1"], env={**env, **extra}, check=True,
+                       capture_output=True, timeout=30)
+        return [line.split() for line in (tmp_path / "record").read_text().splitlines()]
+
+    first = submit()
+    assert len(first) == 2 and first[0][0] == first[1][0]
+    assert re.fullmatch(rf"{ROOT}/runs/\d{{8}}-\d{{6}}", first[0][0])
+    assert all(f"--output={tmp_path}/logs/%x_%j.slurm.out" in call for call in first)
+    time.sleep(1.1)
+    assert submit()[0][0] != first[0][0]
+    assert {call[0] for call in submit(RUN_NAME="smoke")} == {f"{ROOT}/runs/smoke"}
+    assert {call[0] for call in submit(RUN_DIR="/scratch/me/run")} == {"/scratch/me/run"}
+
+
+def test_sigterm_is_not_passed_on_to_srun(tmp_path):
+    """Slurm signals every process of the job: srun passing on a second TERM would kill the step mid-checkpoint."""
+    out = bash(f'REPO={ROOT}; source {SLURM}/common.sh; trap on_terminate TERM; sleep 30 & TASKS_PID=$!; '
+               'kill -TERM $$; kill -0 $TASKS_PID && echo alive; kill $TASKS_PID', env={"PATH": "/usr/bin:/bin"})
+    assert "the tasks received it too" in out and out.rstrip().endswith("alive")
+
+
+@pytest.mark.parametrize("limit, seconds", [("4:00", 240), ("1:02:03", 3723), ("2-00:00:10", 172810),
+                                            ("UNLIMITED", None), ("", None)])
+def test_slurm_durations_read_as_seconds(limit, seconds):
+    result = subprocess.run(["bash", "-c", f'source {SLURM}/common.sh; seconds "$1"', "x", limit],
+                            capture_output=True, text=True)
+    assert (result.stdout.strip() or None) == (None if seconds is None else str(seconds))
+    assert (result.returncode == 0) == (seconds is not None)

@@ -62,7 +62,9 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
            "RUN_DIR": str(tmp_path / "run dir"),
            "SLURM_SUBMIT_DIR": str(ROOT / "slurm"), "SLURM_JOB_ID": "7", "SRUN_RECORD": str(tmp_path / "argv"),
            "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0",
-           "ALL_WORKERS": "3"}
+           "ALL_WORKERS": "3",
+           # Leftovers of a user's shell, none of them the jobs': they change nothing.
+           "EPOCHS": "1", "ARCH": "resnet18", "PYTHON": "/usr/bin/false", "REPO": "/nonexistent"}
     _set_environ(monkeypatch, env)
     cfg = launch.read_config()
     assert cfg["PRETRAIN_PARTITION"] == "v100-4" and cfg["RUN_DIR"] == env["RUN_DIR"]
@@ -74,6 +76,11 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
         recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
         python = recorded.index(env["TASK_PYTHON"])
         assert recorded[python + 1:] == ["-m", stage.module, *launch.stage_argv(stage, cfg)], stage.script
+        if stage.script == "moco_v2":
+            assert recorded[recorded.index("--epochs") + 1] == "100"
+            assert recorded[recorded.index("-a") + 1] == "resnet50"
+        if stage.script == "demo_mocov2_fpn_r2":
+            assert recorded[recorded.index("--epochs") + 1] == "27"
 
 
 def job_info(job_id: str) -> dict:
