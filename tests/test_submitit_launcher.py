@@ -176,3 +176,12 @@ def test_stopped_stage_is_no_success_for_the_next(launch_env, monkeypatch):
     assert wait_done(r1.job_id, 30)["JobState"] == "CANCELLED"
     saved = checkpoint.load(Path(launch_env["RUN_DIR"]) / "moco" / checkpoint.LAST)
     assert (saved["epoch"], saved["step"]) == stop_point(logs(moco), "SIGTERM", 8) >= (1, 0)
+
+
+def test_a_time_limit_not_above_twice_the_warning_lead_is_refused(capsys):
+    """As the job scripts refuse it at their start: r1 is warned 900 s before its limit."""
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--stages", "r1,r2", "--timeout-min", "29"])
+    assert "--timeout-min 29: stage r1 is warned 900 s before its time limit" in capsys.readouterr().err
+    assert launch.parse_args(["--stages", "r1", "--timeout-min", "30"]).timeout_min == 30
+    assert launch.parse_args(["--stages", "eval", "--timeout-min", "5"]).timeout_min == 5  # no warning asked
