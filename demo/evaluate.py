@@ -4,8 +4,10 @@
 
 Prints pycocotools' 12 summary lines and an AP table per class, and writes ``detections_<split>.json``
 (COCO results format) and ``metrics_<split>.json`` to ``--output-dir`` (default: beside the checkpoint).
-The checkpoint alone defines the model: no backbone file is read. Under torchrun or srun each process
-evaluates a share of the images and rank 0 scores them all, with results identical to a single process.
+The checkpoint alone defines the model: no backbone file is read. A checkpoint in its stage's directory of a run
+(``<output-dir>/r3/``) is refused when a stage it was trained from has been run again since (see demo.lineage).
+Under torchrun or srun each process evaluates a share of the images and rank 0 scores them all, with results
+identical to a single process.
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moco import checkpoint
+from moco import checkpoint, runs
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import get_logger, setup_logging
 from moco.precision import autocast_dtype
 
-from . import coco_eval
+from . import coco_eval, lineage
 from .datasets import load_split
 from .engine import predict
 from .model import detector_from_checkpoint
@@ -55,15 +57,16 @@ def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
 
 
 def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
+    runs.decided_by_rank0(lambda: lineage.check_chain(args.checkpoint_path), env.device)
     ckpt = checkpoint.load(args.checkpoint_path)
     dataset = load_split(args.dataset_root, args.dataset_split)
     model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, dataset.categories)
     model.to(env.device)
     configure_backends(env.device, fixed_shapes=False)
     amp_dtype = autocast_dtype(env.device, args.precision, inference=True)
-    log.info("%s (stage %s, epoch %d) on %s: %d images, %d process(es), %s, precision %s", args.checkpoint_path,
-             ckpt["stage"], ckpt["epoch"], dataset.source, len(dataset), env.world_size, env.device,
-             amp_dtype or "fp32")
+    log.info("%s (stage %s, epoch %d, run %s) on %s: %d images, %d process(es), %s, precision %s",
+             args.checkpoint_path, ckpt["stage"], ckpt["epoch"], ckpt.get("run_id", "unrecorded"), dataset.source,
+             len(dataset), env.world_size, env.device, amp_dtype or "fp32")
     predictions = predict(model, dataset, env.device, amp_dtype, args.batch_size, args.workers, env.rank,
                           env.world_size)
     if not env.is_main:
@@ -74,7 +77,8 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"detections_{args.dataset_split}.json").write_text(json.dumps(results))
     (out / f"metrics_{args.dataset_split}.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint_path), "split": args.dataset_split, "images": len(dataset),
+        {"checkpoint": str(args.checkpoint_path), "stage": ckpt["stage"], "epoch": ckpt["epoch"],
+         "run_id": ckpt.get("run_id"), "split": args.dataset_split, "images": len(dataset),
          **metrics.to_dict()}, indent=1))
     print(metrics.summary)
     print()

@@ -20,6 +20,15 @@ checkpoint in the same ``--output-dir`` and refuse to start from an unfinished o
 time-limit warning, preemption) stops training at the next step with a checkpoint and exit status 75; the resumed
 run continues from that step. ``checkpoint_last`` is also written when an epoch's training ends, before its
 validation, so a job killed during validation keeps the epoch's training.
+
+Runs that cannot mix: ``--resume PATH`` is used only while the stage has no checkpoint of its own (a requeued job
+runs the same command again and must continue, not start over). One process at a time per stage directory: a
+second job is refused while the first holds ``run.lock`` (see moco.runlock). Rank 0 chooses the starting file for
+all ranks. Each checkpoint carries its run's id and the identity of what the stage started from, which a resume
+checks (see demo.lineage): r1 refuses a backbone from unfinished pretraining, and a stage whose upstream was run
+again since refuses to continue. ``--restart`` then moves that stage directory aside, to
+``<stage>.replaced-<time>``, and starts the stage afresh from the current upstream; a stage whose upstream is
+unchanged continues even with ``--restart``, so the flag is safe in a requeued job's command line.
 """
 from __future__ import annotations
 
@@ -35,13 +44,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco import checkpoint, preemption
+from moco import checkpoint, preemption, runs
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
+from moco.runlock import DirectoryLock
 
-from . import coco_eval
+from . import coco_eval, lineage
 from .datasets import collate, load_split
 from .engine import predict, train_one_epoch
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
@@ -63,7 +73,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", default="validation")
     p.add_argument("--output-dir", default="runs/fpn", help="the run: one sub-directory per stage")
     p.add_argument("--bp", default="", help="backbone checkpoint for r1; none: random initialisation (a baseline)")
-    p.add_argument("--resume", default="", help="start from this checkpoint instead of the one found in --output-dir")
+    p.add_argument("--resume", default="",
+                   help="start from this checkpoint instead of the previous stage's (or --bp), while the stage has no "
+                        "checkpoint_last of its own; once it has, that wins (a requeue continues) and --resume is "
+                        "ignored, with a warning")
+    p.add_argument("--restart", action="store_true",
+                   help="when this stage's checkpoint was trained from an upstream that has changed since (the "
+                        "previous stage run again; for r1 another --bp), move the stage directory aside to "
+                        "<stage>.replaced-<time> and start afresh; an unchanged one continues")
     p.add_argument("--lr", type=float, default=None, help="default: the stage's lr x batch-size / 4")
     p.add_argument("-b", "--batch-size", type=int, default=4, help="total over all processes")
     p.add_argument("--epochs", type=int, default=None, help="epoch this stage ends at; default: the recipe's")
@@ -95,10 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_parser().parse_args(argv)
     env = init_distributed(args.device)
     stage_dir = Path(args.output_dir) / args.stage
-    if env.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(env.rank, stage_dir / "train.log")
+    lock = DirectoryLock(stage_dir)
+    setup_logging(env.rank)  # the file once the directory is this run's: --restart may move it aside first
     try:
+        aside = runs.decided_by_rank0(lambda: claim_stage(args, stage_dir, lock), env.device)
+        setup_logging(env.rank, stage_dir / "train.log")
+        if aside is not None:
+            log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
+                        aside)
         return _train(args, env, stage_dir)
     except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
         raise SystemExit(f"error: {exc}") from exc
@@ -106,35 +127,53 @@ def main(argv: list[str] | None = None) -> dict:
         log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
         raise SystemExit(preemption.EXIT_REQUEUE) from exc
     finally:
+        lock.release()
         cleanup_distributed()
 
 
-def starting_point(args: argparse.Namespace, stage_dir: Path) -> tuple[Path | None, dict | None, str]:
-    """(file, checkpoint, how): "resume" this stage, "chain" from the previous stage's end, or "fresh"."""
+def claim_stage(args: argparse.Namespace, stage_dir: Path, lock: DirectoryLock) -> Path | None:
+    """Rank 0: lock the stage directory; with --restart, first move it aside if its checkpoint's upstream has
+    changed. Returns where it went, or None."""
+    lock.acquire()
+    own = stage_dir / checkpoint.LAST
+    if not args.restart or not own.is_file():
+        return None
+    if lineage.changed_upstream(checkpoint.load(own, mmap=True), own, stage_dir, args.bp) is None:
+        log.info("--restart: %s still matches what it was trained from, and continues", own)
+        return None
+    aside = lineage.move_aside(stage_dir)
+    lock.acquire()  # the new, empty directory's
+    return aside
+
+
+def starting_point(args: argparse.Namespace, stage_dir: Path) -> tuple[Path | None, str, dict | str | None, str]:
+    """Rank 0's decision for every rank: (file, how, upstream, run id). How: "resume" this stage, "chain" from the
+    previous stage's end, or "fresh". Upstream: what the checkpoints will record the stage started from."""
     stage = STAGES[args.stage]
-    if args.resume:
-        path = Path(args.resume)
-    elif (stage_dir / checkpoint.LAST).is_file():
-        path = stage_dir / checkpoint.LAST
-    elif stage.previous:
+    path = runs.resume_file(stage_dir / checkpoint.LAST, args.resume)
+    if path is None and stage.previous:
         path = stage_dir.parent / stage.previous / checkpoint.LAST
         if not path.is_file():
             raise FileNotFoundError(f"{path}: stage {stage.previous} has not run in {stage_dir.parent}; "
                                     f"run --stage {stage.previous} first, or give --resume")
-    else:
-        return None, None, "fresh"
-    ckpt = checkpoint.load(path)
+    elif path is None:
+        return None, "fresh", lineage.check_backbone(args.bp) if args.bp else None, runs.new_run_id()
+    ckpt = checkpoint.load(path, mmap=True)  # the small entries: every rank loads the chosen file in full later
     if "model_config" not in ckpt:
         raise ValueError(f"{path}: not a detector checkpoint of demo.train (a backbone goes to --bp)")
     if ckpt["stage"] == stage.name:
-        return path, ckpt, "resume"
+        changed = lineage.changed_upstream(ckpt, path, stage_dir, args.bp)
+        if changed:
+            raise ValueError(f"{changed}. Continuing stage {stage.name} would mix two runs: start it afresh with "
+                             f"--restart (moves {stage_dir} aside, keeping it), or move {stage_dir} away yourself")
+        return path, "resume", ckpt.get("upstream", lineage.UNKNOWN), ckpt.get("run_id") or runs.new_run_id()
     if ckpt["stage"] != stage.previous:
         raise ValueError(f"{path}: a stage {ckpt['stage']} checkpoint; stage {stage.name} starts from "
                          f"{stage.previous or 'a backbone (--bp)'}")
     if ckpt["epoch"] < ckpt["stage_end"]:
         raise ValueError(f"{path}: stage {ckpt['stage']} stopped at epoch {ckpt['epoch']} of {ckpt['stage_end']}; "
                          f"finish it first (re-running --stage {ckpt['stage']} resumes it)")
-    return path, ckpt, "chain"
+    return path, "chain", runs.identity(ckpt, path), runs.new_run_id()
 
 
 def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
@@ -142,9 +181,10 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     if args.batch_size % env.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {env.world_size} "
                          f"processes")
-    source, ckpt, how = starting_point(args, stage_dir)
+    source, how, upstream, run_id = runs.decided_by_rank0(lambda: starting_point(args, stage_dir), env.device)
+    ckpt = checkpoint.load(source) if source is not None else None
     if args.bp and how != "fresh":
-        log.warning("--bp %s ignored: stage %s continues %s", args.bp, stage.name, source)
+        log.warning("--bp %s not loaded: stage %s continues %s", args.bp, stage.name, source)
     train_set = load_split(args.dataset_root, args.train_split, train_transforms())
     val_set = load_split(args.dataset_root, args.val_split)
     if train_set.categories != val_set.categories:
@@ -214,6 +254,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
              "precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
              end_epoch - 1, start_step, lr, args.batch_size, env.world_size, env.launcher, device,
              amp_dtype or "fp32", val_dtype or "fp32")
+    log.info("run id %s, started from %s%s", run_id, lineage.describe(upstream, stage.previous),
+             f" ({upstream['path']})" if isinstance(upstream, dict) else "")
     log.info("model %s; train %d images (%s), validation %d images, %d classes", config.to_dict(),
              len(train_set), train_set.source, len(val_set), len(train_set.categories))
 
@@ -235,6 +277,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
             "step": step,  # steps of the next epoch already trained: non-zero only mid-epoch
             "stage": stage.name,
             "stage_end": end_epoch,
+            "run_id": run_id,
+            "upstream": upstream,
             "best_ap": best_ap,
             "val": val,
             "args": dict(vars(args)),

@@ -6,6 +6,7 @@ the target, so a job killed mid-write leaves the previous checkpoint intact, nev
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -38,13 +39,16 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
-    """Load with ``weights_only=True``: tensors and plain containers only, no code from the file runs."""
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load with ``weights_only=True``: tensors and plain containers only, no code from the file runs. ``mmap``
+    leaves the tensors on disk until used: reading a large checkpoint's small entries then costs next to nothing
+    (files in torch's pre-1.6 format, such as facebookresearch/moco's releases, are read whole)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises several unrelated types for truncated or foreign files
         raise RuntimeError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict):

@@ -11,9 +11,13 @@ Differences from main_moco.py:
   plain process) is detected, one process per GPU (see moco.distributed).
 - --batch-size is the total over all processes; K must be a multiple of it.
 - Re-running the same command with the same --output-dir resumes from checkpoint_last.pth.tar, schedule
-  included; --resume PATH starts from a given checkpoint instead. SIGUSR1 or SIGTERM (Slurm's time-limit
-  warning, preemption) stops the run at the next step with a mid-epoch checkpoint and exit status 75; the
-  resumed run continues from that step (see moco.preemption).
+  included. --resume PATH starts from a given checkpoint, but only while the directory has no checkpoint_last of
+  its own, so that a requeued job continues instead of starting over. A resume refuses a checkpoint written with
+  other --epochs, -a, --batch-size, --moco-k, --moco-dim or --mlp (more --epochs for a finished run would bend
+  its cosine schedule mid-run). One process per --output-dir: a second job is refused while the first runs (see
+  moco.runlock). Every checkpoint carries the run's id (see moco.runs), which fine-tuning records.
+- SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption) stops the run at the next step with a mid-epoch
+  checkpoint and exit status 75; the resumed run continues from that step (see moco.preemption).
 - In a single process, batch-norm statistics are computed per sub-batch (--bn-splits) and keys are shuffled
   among sub-batches: shuffle-BN's guard against the batch-statistics shortcut, without a second GPU.
 - Mixed precision (--precision), channels_last, device-side normalisation; --image-size for tiny runs;
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 import torchvision.models as tv_models
 from torch.utils.data import DataLoader
 
-from . import checkpoint, preemption
+from . import checkpoint, preemption, runs
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
@@ -47,6 +51,7 @@ from .distributed import all_reduce_mean, average_running_stats, barrier, cleanu
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
+from .runlock import DirectoryLock
 
 log = get_logger("moco.train")
 
@@ -67,7 +72,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", default=0.9, type=float)
     p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
     p.add_argument("-p", "--print-freq", default=10, type=int, help="log every N steps")
-    p.add_argument("--resume", default="", type=str, help="start from this checkpoint instead of the run's last")
+    p.add_argument("--resume", default="", type=str,
+                   help="start from this checkpoint while --output-dir has no checkpoint_last; once it has one, that "
+                        "wins (a requeued job continues its own progress) and --resume is ignored, with a warning")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--moco-dim", default=128, type=int)
     p.add_argument("--moco-k", default=65536, type=int, help="queue size: negatives per query")
@@ -104,6 +111,28 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     per_rank = args.batch_size // world_size
     if world_size == 1 and args.bn_splits > 1 and per_rank % args.bn_splits:
         raise SystemExit(f"--batch-size {per_rank} must be a multiple of --bn-splits {args.bn_splits}")
+
+
+# A run's identity: a checkpoint written under other values is not continued under these. --epochs belongs to it:
+# the cosine schedule is laid out over the run's epochs, and fine-tuning judges a backbone finished by it.
+RECIPE_FLAGS = {"epochs": "--epochs", "arch": "-a", "batch_size": "--batch-size", "moco_k": "--moco-k",
+                "moco_dim": "--moco-dim", "mlp": "--mlp"}
+
+
+def check_recipe(ckpt: dict, path: Path, args: argparse.Namespace) -> None:
+    """Refuse to continue a checkpoint written under another recipe (older checkpoints record only their arch)."""
+    recorded = ckpt.get("args") or {"arch": ckpt.get("arch")}
+
+    def show(value) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    differences = [f"{flag} {show(getattr(args, name))} (checkpoint: {show(recorded[name])})"
+                   for name, flag in RECIPE_FLAGS.items()
+                   if recorded.get(name) is not None and recorded[name] != getattr(args, name)]
+    if differences:
+        raise ValueError(f"{path}: written by a run with another recipe: {', '.join(differences)}. A run continues "
+                         f"only with the values it started with: repeat them, or start this one in another "
+                         f"--output-dir")
 
 
 def learning_rate(epoch: int, args: argparse.Namespace) -> float:
@@ -170,14 +199,17 @@ def main(argv: list[str] | None = None) -> MoCo:
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(env.rank, output_dir / "train.log")
+    lock = DirectoryLock(output_dir)
     try:
+        runs.decided_by_rank0(lock.acquire, env.device)  # a refusal reaches every rank
         return _train(args, env, output_dir)
-    except FileNotFoundError as exc:  # a wrong path is the user's to fix: say which, without a traceback
+    except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
         raise SystemExit(f"error: {exc}") from exc
     except preemption.Preempted as exc:
         log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
         raise SystemExit(preemption.EXIT_REQUEUE) from exc
     finally:
+        lock.release()
         cleanup_distributed()
 
 
@@ -203,11 +235,12 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch, start_step = 0, 0
-    resume_from = Path(args.resume) if args.resume else output_dir / checkpoint.LAST
-    if args.resume or resume_from.is_file():
-        ckpt = checkpoint.load(resume_from)
-        if ckpt.get("arch") != args.arch:
-            raise SystemExit(f"{resume_from}: checkpoint is {ckpt.get('arch')!r}, this run is -a {args.arch}")
+    resume_from, run_id = runs.decided_by_rank0(
+        lambda: (runs.resume_file(output_dir / checkpoint.LAST, args.resume), runs.new_run_id()), device)
+    if resume_from is not None:
+        ckpt = checkpoint.load(resume_from)  # the file rank 0 chose, on every rank
+        check_recipe(ckpt, resume_from, args)
+        run_id = ckpt.get("run_id") or run_id  # kept through resumes; older checkpoints had none
         try:
             model.load_state_dict(checkpoint.strip_prefix(ckpt["state_dict"]))
         except RuntimeError as exc:
@@ -220,6 +253,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             model.shuffle_generator.set_state(ckpt["shuffle_state"])
         log.info("resumed from %s at epoch %d step %d of %d epochs", resume_from, start_epoch, start_step,
                  args.epochs)
+    log.info("run id %s", run_id)
 
     ddp_model = model
     if env.distributed:
@@ -251,6 +285,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         return {
             "epoch": epochs_done,
             "step": step,  # steps of the next epoch already trained: non-zero only in a mid-epoch checkpoint
+            "run_id": run_id,
             "shuffle_state": model.shuffle_generator.get_state(),
             "arch": args.arch,
             "state_dict": state_dict_with_prefix(model),

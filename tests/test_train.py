@@ -166,8 +166,8 @@ def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(trained, tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint is 'resnet18', this run is -a resnet34"):
-        main(_args(tiny_data, tmp_path, "--epochs", "9", "-a", "resnet34",
+    with pytest.raises(SystemExit, match=r"another recipe: -a resnet34 \(checkpoint: resnet18\)\. "):
+        main(_args(tiny_data, tmp_path, "--epochs", "8", "-a", "resnet34",
                    "--resume", str(trained / checkpoint.LAST)))
 
 
