@@ -325,3 +325,25 @@ def test_a_job_that_cannot_find_the_repository_says_so_in_slurms_file(job_env, t
     assert wait_done(job_env, job, timeout=60)["JobState"] == "FAILED"
     text = (tmp_path / f"moco_v2_{job}.slurm.out").read_text()
     assert f"no slurm/common.sh in or above {tmp_path}: submit from inside the repository, or set PIPELINE_REPO" in text
+
+
+def test_a_second_job_on_a_running_stage_is_refused_and_another_recipe_is_not_continued(job_env):
+    """Two pretraining jobs in one run directory: the second stops at once, naming the first, which goes on. Then a
+    'real run' asking for more epochs in the directory of this 'smoke run' refuses its checkpoint."""
+    env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3"}
+    run = Path(env["RUN_DIR"]) / "moco"
+    first = sbatch(env, "moco_v2.slurm", *ONE_TASK)
+    try:
+        wait_for(lambda: re.search(r"epoch \d+ step", log_of(env, "moco_v2", first)), 300, "training", interval=0.2)
+        second = sbatch(env, "moco_v2.slurm", *ONE_TASK)
+        assert wait_done(env, second, timeout=120)["JobState"] == "FAILED"
+        assert re.search(rf"error: {run} is in use by another run \(host \S+, pid \d+, Slurm job {first}, since ",
+                         log_of(env, "moco_v2", second)), log_of(env, "moco_v2", second)
+        assert job_info(env, first)["JobState"] == "RUNNING"
+    finally:
+        subprocess.run(["scancel", first], env=env, check=True)
+    wait_done(env, first, timeout=120)
+    wait_for(lambda: (run / checkpoint.LAST).is_file(), 60, "the first job's checkpoint")
+    third = sbatch({**env, "MOCO_EPOCHS": "100"}, "moco_v2.slurm", *ONE_TASK)
+    assert wait_done(env, third, timeout=120)["JobState"] == "FAILED"
+    assert "written by a run with another recipe: --epochs 100 (checkpoint: 3)" in log_of(env, "moco_v2", third)
