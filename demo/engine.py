@@ -11,6 +11,7 @@ from moco import preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
+from moco.workers import DataLoader
 
 from .datasets import DetectionSet, collate
 from .sampler import eval_batches
@@ -73,8 +74,8 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
     was_training = model.training
     model.eval()
     batches = eval_batches(dataset.aspect_ratios(), batch_size, rank, world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
     mine = {}
     for images, targets in loader:
         images, _ = to_device(images, None, device)

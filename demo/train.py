@@ -40,6 +40,7 @@ from moco.devices import add_device_argument, configure_backends
 from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
+from moco.workers import DataLoader
 
 from . import coco_eval
 from .datasets import collate, load_split
@@ -178,9 +179,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
 
     per_rank_batch = args.batch_size // env.world_size
     sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tv_models
-from torch.utils.data import DataLoader
 
 from . import checkpoint, preemption
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
@@ -47,6 +46,7 @@ from .distributed import all_reduce_mean, average_running_stats, barrier, cleanu
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
+from .workers import DataLoader
 
 log = get_logger("moco.train")
 
