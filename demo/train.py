@@ -19,7 +19,8 @@ Re-running a stage resumes it from its own last checkpoint; r2 and r3 find the p
 checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one. SIGUSR1 or SIGTERM (Slurm's
 time-limit warning, preemption) stops training at the next step with a checkpoint and exit status 75; the resumed
 run continues from that step. ``checkpoint_last`` is also written when an epoch's training ends, before its
-validation, so a job killed during validation keeps the epoch's training.
+validation, so a job killed during validation keeps the epoch's training; a stop during validation exits at the
+next batch, and the resumed run redoes that validation only.
 """
 from __future__ import annotations
 
@@ -260,8 +261,12 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
-        predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
-                              env.world_size)
+        log.info("epoch %d/%d: validation on %d images", done, end_epoch, len(val_set))
+        try:
+            predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
+                                  env.world_size)
+        except preemption.Preempted as stop:  # the resumed run redoes this validation only
+            raise preemption.Preempted(steps_per_epoch) from stop
         if env.is_main:
             metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
                                                                                   val_set.label_to_category))

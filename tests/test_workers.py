@@ -1,4 +1,4 @@
-"""Data-loader workers under Slurm's stop signals (moco.workers).
+"""Data-loader workers under Slurm's stop signals (moco.workers), and the stop check inside inference.
 
 Slurm's signals come from slurmstepd, not from the loader's process: the tests send theirs with kill(1), since a
 SIGTERM from the loader's own process is how it ends a worker.
@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from demo import engine
 from moco import preemption
 from moco.workers import DataLoader
 
@@ -124,3 +125,69 @@ def test_workers_of_torchs_own_loader_die_of_the_signal(method, sig, tmp_path, s
     assert status == 1
     # Under forkserver the worker is not the main process's child: no SIGCHLD, its death is found by a timeout.
     assert re.search(r"DataLoader worker \(pid.* (is killed by signal|exited unexpectedly)", output), output
+
+
+class Images(torch.utils.data.Dataset):
+    """8x8 images, one a batch in these tests."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), {"image_id": i}
+
+    def aspect_ratios(self):
+        return [1.0] * self.n
+
+
+class Detector(torch.nn.Module):
+    """No detections; before its batch number ``stop_at`` the job is told to stop, as Slurm would."""
+
+    def __init__(self, stop_at: int | None = None):
+        super().__init__()
+        self.stop_at, self.batches = stop_at, 0
+
+    def forward(self, images):
+        if self.batches == self.stop_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        self.batches += 1
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in images]
+
+
+@pytest.fixture
+def handlers():
+    saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    preemption.reset()
+    preemption.install()
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    preemption.reset()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_inference_stops_at_the_next_batch(handlers, workers):
+    detector = Detector(stop_at=1)  # the signal lands during batch 1
+    with pytest.raises(preemption.Preempted, match="stopped by SIGUSR1 at step 2"):
+        engine.predict(detector, Images(6), torch.device("cpu"), None, 1, workers)
+    assert detector.batches == 2
+
+
+def test_every_rank_polls_as_often(monkeypatch):
+    """Rank 0 of 2 has 3 of the 5 batches, rank 1 has 2: both poll 3 times, since under DDP a poll is a
+    collective that every rank joins."""
+    def gather_object(obj, gathered, dst):
+        if gathered is not None:
+            gathered[:] = [obj, {}]
+
+    polls = []
+    monkeypatch.setattr(preemption, "stop_requested", lambda device, step=None: polls.append(step) or False)
+    monkeypatch.setattr(engine.dist, "gather_object", gather_object)
+    for rank in (0, 1):
+        polls.clear()
+        engine.predict(Detector(), Images(5), torch.device("cpu"), None, 1, 0, rank, 2)
+        assert polls == [0, 1, 2], rank
