@@ -1,6 +1,7 @@
 """One training epoch and sharded inference, shared by demo.train and demo.evaluate."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -11,6 +12,7 @@ from moco import preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
+from moco.workers import DataLoader
 
 from .datasets import DetectionSet, collate
 from .sampler import eval_batches
@@ -69,14 +71,23 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
             rank: int = 0, world_size: int = 1) -> dict[int, dict] | None:
     """Detections for every image of ``dataset``, keyed by image id, on rank 0 (None on the others).
 
-    Each rank runs its share of fixed batches (see ``eval_batches``); rank 0 gathers them."""
+    Each rank runs its share of fixed batches (see ``eval_batches``); rank 0 gathers them. A stop request
+    (``moco.preemption``) raises ``Preempted`` at the next batch polled, the batch number as its step."""
     was_training = model.training
     model.eval()
     batches = eval_batches(dataset.aspect_ratios(), batch_size, rank, world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    # The polls are collectives: every rank makes as many as rank 0 has batches (some ranks have one fewer).
+    polls = len(eval_batches(dataset.aspect_ratios(), batch_size, 0, world_size))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
     mine = {}
-    for images, targets in loader:
+    for batch, data in itertools.zip_longest(range(polls), loader):
+        if preemption.stop_requested(device, batch):
+            log.warning("inference stopped at batch %d of %d", batch, polls)
+            raise preemption.Preempted(batch)
+        if data is None:  # this rank's batches are done
+            continue
+        images, targets = data
         images, _ = to_device(images, None, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)

@@ -8,14 +8,21 @@ The checkpoint alone defines the model: no backbone file is read. A checkpoint i
 (``<output-dir>/r3/``) is refused when a stage it was trained from has been run again since (see demo.lineage).
 Under torchrun or srun each process evaluates a share of the images and rank 0 scores them all, with results
 identical to a single process.
+SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption) stops inference at the next batch with exit status 75
+and nothing written: the requeued job evaluates again.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
+    from moco import preemption
+
+    preemption.install()
 
 import argparse
 import json
 from pathlib import Path
 
-from moco import checkpoint, runs
+from moco import checkpoint, preemption, runs
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import get_logger, setup_logging
@@ -52,6 +59,9 @@ def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
         return _evaluate(args, env)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    except preemption.Preempted as exc:
+        log.warning("%s: exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
+        raise SystemExit(preemption.EXIT_REQUEUE) from exc
     finally:
         cleanup_distributed()
 

@@ -19,7 +19,8 @@ Re-running a stage resumes it from its own last checkpoint; r2 and r3 find the p
 checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one. SIGUSR1 or SIGTERM (Slurm's
 time-limit warning, preemption) stops training at the next step with a checkpoint and exit status 75; the resumed
 run continues from that step. ``checkpoint_last`` is also written when an epoch's training ends, before its
-validation, so a job killed during validation keeps the epoch's training.
+validation, so a job killed during validation keeps the epoch's training; a stop during validation exits at the
+next batch, and the resumed run redoes that validation only.
 
 Runs that cannot mix: ``--resume PATH`` is used only while the stage has no checkpoint of its own (a requeued job
 runs the same command again and must continue, not start over). One process at a time per stage directory: a
@@ -50,6 +51,7 @@ from moco.distributed import barrier, cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
 from moco.runlock import DirectoryLock
+from moco.workers import DataLoader
 
 from . import coco_eval, lineage
 from .datasets import collate, load_split
@@ -218,9 +220,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
 
     per_rank_batch = args.batch_size // env.world_size
     sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -304,8 +305,12 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
-        predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
-                              env.world_size)
+        log.info("epoch %d/%d: validation on %d images", done, end_epoch, len(val_set))
+        try:
+            predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
+                                  env.world_size)
+        except preemption.Preempted as stop:  # the resumed run redoes this validation only
+            raise preemption.Preempted(steps_per_epoch) from stop
         if env.is_main:
             metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
                                                                                   val_set.label_to_category))

@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tv_models
-from torch.utils.data import DataLoader
 
 from . import checkpoint, preemption, runs
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
@@ -52,6 +51,7 @@ from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
 from .runlock import DirectoryLock
+from .workers import DataLoader
 
 log = get_logger("moco.train")
 

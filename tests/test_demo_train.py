@@ -89,12 +89,14 @@ def _stop_at_call(monkeypatch, n: int):
     monkeypatch.setattr(preemption, "stop_requested", lambda *args, **kwargs: calls.append(1) or len(calls) == n)
 
 
-@pytest.mark.parametrize("stop_call, step", [(3, 2), (13, 12)], ids=["mid-epoch", "before-validation"])
+@pytest.mark.parametrize("stop_call, step", [(3, 2), (13, 12), (15, 12)],
+                         ids=["mid-epoch", "before-validation", "during-validation"])
 def test_stopped_stage_resumes_from_the_step_it_reached(chain, tmp_path, monkeypatch, stop_call, step):
     run = tmp_path / "fpn"
     shutil.copytree(chain["run"] / "r1", run / "r1")
     steps_per_epoch = 12  # 48 training images, batch 4
-    _stop_at_call(monkeypatch, stop_call)  # calls 1..12 precede the steps, call 13 precedes validation
+    # Calls 1..12 precede the steps, call 13 precedes validation, 14 and 15 its two batches (16 images, 8 a batch).
+    _stop_at_call(monkeypatch, stop_call)
     with pytest.raises(SystemExit) as stop:
         demo_train.main(stage_args("r2", chain["root"], run, "--epochs", "9"))
     assert stop.value.code == preemption.EXIT_REQUEUE
@@ -173,6 +175,15 @@ def test_evaluation_needs_only_the_checkpoint(chain, tmp_path, capsys):
     written = json.loads((tmp_path / "eval" / "metrics_validation.json").read_text())
     assert written["stats"] == result.stats
     assert json.loads((tmp_path / "eval" / "detections_validation.json").read_text())
+
+
+def test_stopped_evaluation_exits_to_be_requeued_and_writes_nothing(chain, tmp_path, monkeypatch):
+    _stop_at_call(monkeypatch, 2)  # before the second batch
+    with pytest.raises(SystemExit) as stop:
+        demo_evaluate.main(["--checkpoint-path", str(chain["run"] / "r3" / checkpoint.LAST), "--dataset-root",
+                            str(chain["root"]), "-j", "0", "-b", "8", "--output-dir", str(tmp_path / "eval")])
+    assert stop.value.code == preemption.EXIT_REQUEUE
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluation_precision_does_not_move_the_ap(chain, tmp_path):
