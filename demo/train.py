@@ -299,9 +299,13 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
                 checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST)
             barrier()
             raise
-        # The epoch's training is kept even if the job is killed during validation.
-        if env.is_main and first_step < steps_per_epoch:
-            checkpoint.save_atomic(state(epoch, steps_per_epoch, last_val), stage_dir / checkpoint.LAST)
+        # The epoch's training is kept even if the job is killed during validation, its statistics with it for the
+        # record that the resumed run writes after redoing the validation.
+        if first_step == steps_per_epoch:
+            stats = ckpt.get("epoch_stats") or stats
+        elif env.is_main:
+            checkpoint.save_atomic({**state(epoch, steps_per_epoch, last_val), "epoch_stats": stats},
+                                   stage_dir / checkpoint.LAST)
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1

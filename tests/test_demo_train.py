@@ -1,5 +1,6 @@
 """The staged fine-tuning and evaluation CLIs end to end on the tiny data (slow tier)."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def test_stopped_stage_resumes_from_the_step_it_reached(chain, tmp_path, monkeyp
     assert final["lr_scheduler"]["last_epoch"] == steps_per_epoch  # no step trained twice or skipped
     assert [m["epoch"] for m in metrics(run / "r2" / "metrics.jsonl")] == [9]
     assert record["val"]["AP"] > 0.03
+    # The epoch's record keeps its training statistics, also when only the validation was left to redo.
+    assert math.isfinite(record["loss"]) and record["images_per_s"] > 0 and "loss_classifier" in record
 
 
 def _record_trained_batches(monkeypatch) -> list[list[int]]:
