@@ -120,8 +120,17 @@ def test_pretraining_with_workers_stops_at_a_step_on_both_signals(job_env, tmp_p
         stop_point(log, "SIGUSR1", 8), log[warned:]
     # Every step trained once, to the same loss as without the interruptions (to the 4 decimals logged).
     assert _moco_losses(log) == reference
-    epochs = [json.loads(line)["epoch"] for line in (Path(env["RUN_DIR"]) / "moco" / "metrics.jsonl").open()]
-    assert epochs == [1, 2, 3]
+    run = Path(env["RUN_DIR"]) / "moco"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [1, 2, 3]
+    # The batch shell: it requeued after the warning; it only logged the requeue's SIGTERM, which the tasks got too.
+    order = ["time limit near", "stopped by SIGUSR1 at step", "checkpoint saved: requeueing job", "restart 1,",
+             "SIGTERM (preemption, requeue or cancel): the tasks received it too", "stopped by SIGTERM at step",
+             "restart 2,", "epoch 3/3 done"]
+    positions = [log.find(marker) for marker in order]
+    assert -1 not in positions and positions == sorted(positions), log
+    for path in run.glob("checkpoint_*.pth.tar"):  # every file complete and readable, no temporary one left
+        assert checkpoint.load(path)["epoch"] in (1, 2, 3)
+    assert not list(run.glob(".*tmp*"))
     print(f"pretraining, {method}: stopped {stops[0]:.1f} s after the warning, {stops[1]:.1f} s after the requeue")
 
 
