@@ -4,6 +4,10 @@
   ids are the course index + 1, so ids run 1..100 over the course's 100 names and 0 stays the background.
 - COCO: ``<root>/annotations/instances_<split>.json`` with images under ``<root>/<split>/``.
 
+Boxes are clamped to their image and boxes left without area dropped when the split is loaded, so the training
+targets and evaluation's ground truth are the same boxes; the other problems stop the load, all listed at once
+(see ``moco.labels``). Images without boxes are background images.
+
 The model sees contiguous labels 1..C (0 is background); ``DetectionSet.label_to_category`` maps them back
 to the dataset's category ids and names for results, logs and evaluation.
 """
@@ -17,8 +21,12 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from moco.course import CLASSES, list_split, read_label_file
-from moco.images import image_size, load_rgb
+from moco.course import CLASSES, parse_label_file, scan_split
+from moco.images import UnreadableImage, image_size, load_rgb
+from moco.labels import Problem, errors, fit_boxes, is_box, summary
+from moco.logger import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,10 @@ class DetectionSet(torch.utils.data.Dataset):
     """Items are ``(image, target)``: a uint8 ``tv_tensors.Image`` and a dict with ``boxes``
     (``tv_tensors.BoundingBoxes``, XYXY), ``labels`` (int64, 1..C) and ``image_id``."""
 
-    def __init__(self, samples: list[Sample], categories: dict[int, str], transforms=None, source: str = ""):
+    def __init__(self, samples: list[Sample], categories: dict[int, str], transforms=None, source: str = "",
+                 problems: list[Problem] = ()):
         self.samples = samples
+        self.problems = list(problems)  # found while loading, repairs included (see moco.labels)
         self.categories = dict(sorted(categories.items()))
         self.transforms = transforms
         self.source = source
@@ -82,63 +92,113 @@ class DetectionSet(torch.utils.data.Dataset):
         return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def course_split(root: str | Path, split: str, transforms=None) -> DetectionSet:
+def course_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:
     """A course split; image ids are the numbers in the file names, so ids are stable across splits."""
     category_of = {name: index + 1 for index, name in enumerate(CLASSES)}
+    pairs, problems = scan_split(root, split)
     samples = []
-    for image_path, label_path in list_split(root, split):
-        if not image_path.stem.isdigit():
-            raise ValueError(f"{image_path}: course images are named N.JPEG with N a number")
-        boxes, names = read_label_file(label_path)
-        unknown = sorted(set(names) - category_of.keys())
-        if unknown:
-            raise ValueError(f"{label_path}: unknown class name(s) {unknown}; see moco/course_classes.txt")
-        width, height = image_size(image_path)
-        samples.append(Sample(int(image_path.stem), image_path, width, height,
-                              tuple(tuple(b) for b in boxes), tuple(category_of[n] for n in names)))
-    return DetectionSet(samples, {index + 1: name for index, name in enumerate(CLASSES)}, transforms,
-                        source=f"{Path(root) / split}")
+    for image_path, label_path in pairs:
+        boxes, names, found = parse_label_file(label_path)
+        size = _header_size(image_path, found)
+        problems += found
+        if found:
+            continue
+        kept, fitted, repairs = fit_boxes(label_path, boxes, *size)
+        problems += repairs
+        samples.append(Sample(int(image_path.stem), image_path, *size, tuple(map(tuple, fitted)),
+                              tuple(category_of[names[i]] for i in kept)))
+    return _checked(DetectionSet(samples, {index + 1: name for index, name in enumerate(CLASSES)}, transforms,
+                                 source=f"{Path(root) / split}", problems=problems), strict)
 
 
-def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=None) -> DetectionSet:
-    """A COCO instances file; crowd regions and boxes without area are left out of training targets."""
+def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=None,
+               strict: bool = False) -> DetectionSet:
+    """A COCO instances file; crowd regions are left out of training targets and ground truth."""
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     try:
         data = json.loads(annotation_file.read_text())
         categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        per_image: dict[int, list[dict]] = {int(im["id"]): [] for im in data["images"]}
+        images = {}
+        for im in data["images"]:
+            images.setdefault(int(im["id"]), []).append(im)
+        per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
         for ann in data.get("annotations", []):
-            per_image[int(ann["image_id"])].append(ann)
+            per_image.setdefault(int(ann["image_id"]), []).append(ann)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{annotation_file}: not a COCO instances file: {exc}") from exc
-    samples = []
-    for im in sorted(data["images"], key=lambda im: int(im["id"])):
+    samples, problems = [], []
+    for image_id in sorted(per_image):
+        if image_id not in images:
+            problems.append(Problem(annotation_file, "listed image missing",
+                                    f"annotations refer to image id {image_id}, which is not in 'images'"))
+            continue
+        im, *others = images[image_id]
         path = image_dir / im["file_name"]
+        problems += [Problem(image_dir / o["file_name"], "duplicate image id", f"{image_id}, as {im['file_name']}")
+                     for o in others]
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in {annotation_file} but missing")
-        boxes, cats = [], []
-        for ann in per_image[int(im["id"])]:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+            problems.append(Problem(path, "listed image missing", f"listed in {annotation_file.name}"))
+            continue
+        boxes, cats, found = [], [], []
+        for ann in per_image[image_id]:
+            if ann.get("iscrowd", 0):
                 continue
-            if int(ann["category_id"]) not in categories:
-                raise ValueError(f"{annotation_file}: annotation {ann.get('id')} has unknown category "
-                                 f"{ann['category_id']}")
-            boxes.append((x, y, x + w, y + h))
-            cats.append(int(ann["category_id"]))
-        width, height = (int(im["width"]), int(im["height"])) if "width" in im else image_size(path)
-        samples.append(Sample(int(im["id"]), path, width, height, tuple(boxes), tuple(cats)))
-    return DetectionSet(samples, categories, transforms, source=str(annotation_file))
+            if not is_box(ann.get("bbox")):
+                found.append(Problem(path, "malformed box", f"annotation {ann.get('id')}: bbox {ann.get('bbox')!r} "
+                                                            f"is not [x, y, width, height]"))
+            elif int(ann.get("category_id", -1)) not in categories:
+                found.append(Problem(path, "unknown class", f"annotation {ann.get('id')}: category "
+                                                            f"{ann.get('category_id')!r} is not in 'categories'"))
+            else:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                boxes.append((x, y, x + w, y + h))
+                cats.append(int(ann["category_id"]))
+        size = (int(im["width"]), int(im["height"])) if "width" in im else _header_size(path, found)
+        problems += found
+        if found:
+            continue
+        kept, fitted, repairs = fit_boxes(path, boxes, *size)
+        problems += repairs
+        samples.append(Sample(image_id, path, *size, tuple(map(tuple, fitted)), tuple(cats[i] for i in kept)))
+    return _checked(DetectionSet(samples, categories, transforms, source=str(annotation_file), problems=problems),
+                    strict)
 
 
-def load_split(root: str | Path, split: str, transforms=None) -> DetectionSet:
-    """Whichever layout ``root`` has for ``split``: the course's label folders or a COCO annotation file."""
+def _header_size(path: Path, problems: list[Problem]) -> tuple[int, int]:
+    """The image's size from its header; an unreadable header is recorded in ``problems``."""
+    try:
+        return image_size(path)
+    except UnreadableImage as exc:
+        problems.append(Problem(path, "unreadable image", str(exc).removeprefix(f"{path}: ")))
+        return 0, 0
+
+
+def _checked(dataset: DetectionSet, strict: bool) -> DetectionSet:
+    """Refuse the split with every error listed at once (``strict``: the repairs too); else summarise the repairs."""
+    refused = errors(dataset.problems, strict)
+    if refused:
+        files = len({p.path for p in refused})
+        raise ValueError(f"{dataset.source}: {files} file{'s' * (files != 1)} with problems that training "
+                         f"{'does not repair' if not strict else 'refuses under --strict-labels'}:\n"
+                         f"{summary(refused)}\n(python -m demo.check checks a whole dataset in one pass)")
+    if not dataset.samples:
+        raise FileNotFoundError(f"{dataset.source}: no images")
+    repairs = [p for p in dataset.problems if p not in refused]
+    if repairs:
+        log.warning("%s: label problems repaired (see 'Bad data' in the README; --strict-labels refuses them):\n%s",
+                    dataset.source, summary(repairs, limit=5))
+    return dataset
+
+
+def load_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:
+    """Whichever layout ``root`` has for ``split``: the course's label folders or a COCO annotation file. Label
+    problems follow ``moco.labels``' policy: every error listed at once, repairs summarised."""
     root = Path(root)
     coco_file = root / "annotations" / f"instances_{split}.json"
     if (root / split / "labels").is_dir():
-        return course_split(root, split, transforms)
+        return course_split(root, split, transforms, strict)
     if coco_file.is_file():
-        return coco_split(coco_file, root / split, transforms)
+        return coco_split(coco_file, root / split, transforms, strict)
     raise FileNotFoundError(f"{root}: no split {split!r}: expected {root / split}/images + labels (course layout) "
                             f"or {coco_file} (COCO layout)")
 

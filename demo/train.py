@@ -74,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="training")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--output-dir", default="runs/fpn", help="the run: one sub-directory per stage")
+    p.add_argument("--strict-labels", action="store_true",
+                   help="refuse boxes reaching outside their image or without area, instead of clamping or dropping "
+                        "them (see 'Bad data' in the README)")
     p.add_argument("--bp", default="", help="backbone checkpoint for r1; none: random initialisation (a baseline)")
     p.add_argument("--resume", default="",
                    help="start from this checkpoint instead of the previous stage's (or --bp), while the stage has no "
@@ -187,8 +190,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     ckpt = checkpoint.load(source) if source is not None else None
     if args.bp and how != "fresh":
         log.warning("--bp %s not loaded: stage %s continues %s", args.bp, stage.name, source)
-    train_set = load_split(args.dataset_root, args.train_split, train_transforms())
-    val_set = load_split(args.dataset_root, args.val_split)
+    train_set = load_split(args.dataset_root, args.train_split, train_transforms(), args.strict_labels)
+    val_set = load_split(args.dataset_root, args.val_split, strict=args.strict_labels)
     if train_set.categories != val_set.categories:
         raise ValueError(f"{val_set.source}: categories differ from {train_set.source}")
     device = env.device

@@ -18,6 +18,7 @@ from PIL import Image
 from .augment import Normalize
 from .course import list_split, read_label_file
 from .images import load_rgb
+from .labels import fit_boxes
 
 
 def load_crops(root: str | Path, split: str, size: int, max_images: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -31,7 +32,8 @@ def load_crops(root: str | Path, split: str, size: int, max_images: int | None =
     for image_path, label_path in pairs:
         boxes, labels = read_label_file(label_path)
         image = load_rgb(image_path)
-        for box, name in zip(boxes, labels):
+        kept, boxes, _ = fit_boxes(label_path, boxes, *image.size)  # the detector's repairs (moco.labels)
+        for box, name in zip(boxes, (labels[i] for i in kept)):
             crop = image.crop(tuple(round(v) for v in box)).resize((size, size), Image.BILINEAR)
             crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
             names.append(name)

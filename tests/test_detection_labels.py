@@ -69,7 +69,7 @@ def test_course_images_must_be_numbered(tmp_path):
         (tmp_path / "training" / split_dir).mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "training/images/cat.JPEG")
     (tmp_path / "training/labels/cat.yml").write_text("bboxes: [[1, 1, 4, 4]]\nlabels: [dog]\n")
-    with pytest.raises(ValueError, match="cat.JPEG: course images are named N.JPEG"):
+    with pytest.raises(ValueError, match="image not named N.JPEG: 1 file\n.*cat.JPEG: course image ids are the numbers"):
         course_split(tmp_path, "training")
 
 
@@ -143,11 +143,11 @@ def test_coco_layout_without_annotations_and_its_errors(tmp_path):
         load_split(tmp_path, "val")
     images.append({"id": 6, "file_name": "b.jpg", "width": 4, "height": 4})
     annotation_file.write_text(json.dumps({"images": images, "categories": []}))
-    with pytest.raises(FileNotFoundError, match=r"b\.jpg: listed in .*instances_val\.json but missing"):
+    with pytest.raises(ValueError, match=r"listed image missing: 1 file\n.*b\.jpg: listed in instances_val\.json"):
         load_split(tmp_path, "val")
 
 
-def test_coco_layout_keeps_thin_boxes_drops_empty_ones_and_takes_sizes_from_the_file(tmp_path):
+def test_coco_layout_drops_boxes_without_a_pixel_and_takes_sizes_from_the_file(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "val").mkdir()
     Image.new("RGB", (16, 8)).save(tmp_path / "val/a.jpg")
@@ -155,7 +155,7 @@ def test_coco_layout_keeps_thin_boxes_drops_empty_ones_and_takes_sizes_from_the_
     anns = [
         {"id": 1, "image_id": 5, "category_id": 3, "bbox": [1, 1, 0, 4]},  # no width: dropped
         {"id": 2, "image_id": 5, "category_id": 3, "bbox": [1, 1, 4, 0]},  # no height: dropped
-        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [2, 1, 0.5, 0.5]},  # thin but real; no iscrowd key
+        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [2, 1, 0.5, 0.5]},  # under a pixel: dropped
         {"id": 4, "image_id": 5, "category_id": 3, "bbox": [10, 2, 6, 5]},
     ]
     coco = {"images": [{"id": 5, "file_name": "a.jpg", "width": 64, "height": 48}],
@@ -164,13 +164,16 @@ def test_coco_layout_keeps_thin_boxes_drops_empty_ones_and_takes_sizes_from_the_
     ds = load_split(tmp_path, "val", train_transforms(hflip=1.0))
     assert ds.source == str(annotation_file)
     assert (ds.samples[0].width, ds.samples[0].height) == (64, 48)  # as the file lists them, not read back
-    assert ds.samples[0].boxes == ((2.0, 1.0, 2.5, 1.5), (10.0, 2.0, 16.0, 7.0))
-    # The transforms given to load_split run: x flips on the 64-wide canvas, the sub-pixel box is sanitised away.
+    # Dropped at load, not only by the training transform: evaluation's ground truth holds the same boxes.
+    assert ds.samples[0].boxes == ((10.0, 2.0, 16.0, 7.0),)
+    assert [p.kind for p in ds.problems] == ["box without area (dropped)"] * 3
+    assert [a["bbox"] for a in ds.coco_ground_truth()["annotations"]] == [[10.0, 2.0, 6.0, 5.0]]
+    # The transforms given to load_split run: x flips on the 64-wide canvas.
     _, target = ds[0]
     assert target["boxes"].tolist() == [[48.0, 2.0, 54.0, 7.0]]
     anns.append({"id": 7, "image_id": 5, "category_id": 99, "bbox": [1, 1, 2, 2]})
     annotation_file.write_text(json.dumps(coco))
-    with pytest.raises(ValueError, match="annotation 7 has unknown category 99"):
+    with pytest.raises(ValueError, match="unknown class: 1 file\n.*a.jpg: annotation 7: category 99 is not in"):
         load_split(tmp_path, "val")
 
 
