@@ -11,7 +11,7 @@ Past ``--max-unreadable`` distinct files the data is broken rather than noisy: t
 checkpoint, as on a stop signal, lists the files, and exits with ``EXIT_DATAERR``, which the Slurm scripts do not
 requeue (a requeued job would meet the same files). The ranks agree at the stop poll's cadence
 (``moco.preemption.POLL_STEPS``), so they stop at the same step. A sample followed by more than
-``--max-unreadable`` unreadable files in a row ends the run at once, with an error naming the first of them.
+``--max-unreadable`` + 1 unreadable files in a row ends the run at once, with an error naming the first of them.
 
 Validation, evaluation and the kNN probe never replace an image: that would change their score without a word.
 """
@@ -53,11 +53,12 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
 
 def first_readable(read: Callable[[int], T], index: int, size: int, limit: int) -> tuple[T, int, str]:
     """``read(index)``, or where that raises ``UnreadableImage``, ``read`` of the next index that does not (modulo
-    ``size``), trying at most ``limit`` others: past that many unreadable files the run stops anyway, and a long
-    broken stretch of a dataset must not cost a scan of all of it per sample. Returns the value, the index whose
-    file failed (-1: none) and its error."""
+    ``size``), trying at most ``limit + 1`` others: one more than the ceiling (``limit``), so that a replacement
+    found within them leaves the stop to the ceiling, with its checkpoint; and a long broken stretch of a dataset
+    does not cost a scan of all of it per sample. Returns the value, the index whose file failed (-1: none) and
+    its error."""
     error = ""
-    tries = min(limit, size - 1) + 1
+    tries = min(limit + 1, size - 1) + 1
     for offset in range(tries):
         try:
             return read((index + offset) % size), (index if offset else -1), error

@@ -36,11 +36,12 @@ def _read(bad: set[int]):
     return read
 
 
-def test_replacement_is_the_next_readable_index_looking_at_most_limit_further():
-    assert first_readable(_read({8, 9, 0}), 8, 10, limit=3) == ("image 1", 8, "8.PNG: cannot read image: broken")
-    assert first_readable(_read({8, 9, 0}), 7, 10, limit=3) == ("image 7", -1, "")
+def test_replacement_is_the_next_readable_index_looking_at_most_one_past_the_ceiling():
+    assert first_readable(_read({8, 9, 0}), 8, 10, limit=2) == ("image 1", 8, "8.PNG: cannot read image: broken")
+    assert first_readable(_read({8, 9, 0}), 7, 10, limit=2) == ("image 7", -1, "")
+    assert first_readable(_read({8}), 8, 10, limit=0) == ("image 9", 8, "8.PNG: cannot read image: broken")
     with pytest.raises(UnreadableImage, match=r"^8\.PNG: cannot read image: broken; nor can any of the 2 images"):
-        first_readable(_read({8, 9, 0}), 8, 10, limit=2)
+        first_readable(_read({8, 9, 0}), 8, 10, limit=1)
     with pytest.raises(UnreadableImage, match="nor can any of the 2 images"):  # all of them, wrapping once
         first_readable(_read({0, 1, 2}), 1, 3, limit=100)
 
