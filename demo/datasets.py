@@ -25,6 +25,7 @@ from moco.course import CLASSES, parse_label_file, scan_split
 from moco.images import UnreadableImage, image_size, load_rgb
 from moco.labels import Problem, errors, fit_boxes, is_box, summary
 from moco.logger import get_logger
+from moco.unreadable import first_readable
 
 log = get_logger(__name__)
 
@@ -90,6 +91,23 @@ class DetectionSet(torch.utils.data.Dataset):
                                     "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
         categories = [{"id": cat, "name": name} for cat, name in self.categories.items()]
         return {"images": images, "annotations": annotations, "categories": categories}
+
+
+class ReplacingUnreadable(torch.utils.data.Dataset):
+    """Training items of ``dataset`` as ``(image, target, failed, error)``: a sample whose image cannot be decoded
+    is replaced by the next readable one, ``failed`` is its index (-1: none) and ``error`` why (see
+    moco.unreadable). Never for validation or evaluation, whose score a replaced image would change unseen."""
+
+    def __init__(self, dataset: DetectionSet, max_unreadable: int):
+        self.dataset, self.max_unreadable = dataset, max_unreadable
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        (image, target), failed, error = first_readable(self.dataset.__getitem__, index, len(self.dataset),
+                                                        self.max_unreadable)
+        return image, target, failed, error
 
 
 def course_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:

@@ -12,6 +12,7 @@ from moco import preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
+from moco.unreadable import UnreadableFiles
 from moco.workers import DataLoader
 
 from .datasets import DetectionSet, collate
@@ -30,16 +31,19 @@ def to_device(images, targets, device: torch.device):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch: int,
-                    print_freq: int, first_step: int = 0) -> dict:
-    """The epoch's steps from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop.
-    Losses are averaged over the steps run here."""
+                    print_freq: int, unreadable_files: UnreadableFiles, first_step: int = 0) -> dict:
+    """The epoch's steps from ``first_step`` on (non-zero when resumed mid-epoch) over a ``ReplacingUnreadable``
+    loader; raises ``Preempted`` on a stop, ``TooManyUnreadable`` past --max-unreadable. Losses are averaged over
+    the steps run here."""
     model.train()
+    unreadable_files.start_epoch()
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
-    for step, (images, targets) in enumerate(loader, first_step):
+    for step, (images, targets, failed, errors) in enumerate(loader, first_step):
         if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
+        unreadable_files.update(step, failed, errors)
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
@@ -63,6 +67,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
     stats = {k: all_reduce_mean(v / max(seen, 1), device) for k, v in sorted(sums.items())}
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     stats["images_per_s"] = seen * world / elapsed
+    stats["unreadable_images"] = unreadable_files.epoch_count()
     return stats
 
 

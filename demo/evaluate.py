@@ -25,8 +25,10 @@ from pathlib import Path
 from moco import checkpoint, preemption, runs
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
+from moco.images import UnreadableImage
 from moco.logger import get_logger, setup_logging
 from moco.precision import autocast_dtype
+from moco.workers import original_message
 
 from . import coco_eval, lineage
 from .datasets import load_split
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> coco_eval.CocoMetrics | None:
     setup_logging(env.rank)
     try:
         return _evaluate(args, env)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    except (FileNotFoundError, ValueError, UnreadableImage) as exc:  # an unreadable image is never replaced here
+        raise SystemExit(f"error: {original_message(exc)}") from exc
     except preemption.Preempted as exc:
         log.warning("%s: exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
         raise SystemExit(preemption.EXIT_REQUEUE) from exc

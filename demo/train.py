@@ -30,6 +30,11 @@ checks (see demo.lineage): r1 refuses a backbone from unfinished pretraining, an
 again since refuses to continue. ``--restart`` then moves that stage directory aside, to
 ``<stage>.replaced-<time>``, and starts the stage afresh from the current upstream; a stage whose upstream is
 unchanged continues even with ``--restart``, so the flag is safe in a requeued job's command line.
+
+A training image that cannot be decoded is replaced by the next readable sample, logged once and counted in
+metrics.jsonl (``unreadable_images``); once more than ``--max-unreadable`` distinct files have failed, training
+stops with a mid-epoch checkpoint, the list of files and exit status 65 (EX_DATAERR), which is not requeued (see
+moco.unreadable). Validation never replaces an image: an unreadable one ends the run with one line naming it.
 """
 from __future__ import annotations
 
@@ -45,16 +50,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco import checkpoint, preemption, runs
+from moco import checkpoint, preemption, runs, unreadable
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import barrier, cleanup_distributed, init_distributed
+from moco.images import UnreadableImage
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
 from moco.runlock import DirectoryLock
-from moco.workers import DataLoader
+from moco.unreadable import TooManyUnreadable, UnreadableFiles
+from moco.workers import DataLoader, original_message
 
 from . import coco_eval, lineage
-from .datasets import collate, load_split
+from .datasets import ReplacingUnreadable, collate, load_split
 from .engine import predict, train_one_epoch
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
 from .recipe import STAGES, scaled_lr, warmup_factor
@@ -100,6 +107,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations; default on with CUDA")
     add_device_argument(p)
+    unreadable.add_argument(p)
     p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
     model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
     model.add_argument("-a", "--arch", default=None, help="ResNet for random init; with --bp, read from the file")
@@ -126,11 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
             log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
                         aside)
         return _train(args, env, stage_dir)
-    except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
-        raise SystemExit(f"error: {exc}") from exc
+    except (FileNotFoundError, ValueError, UnreadableImage) as exc:  # the user's to fix: say what, no traceback
+        raise SystemExit(f"error: {original_message(exc)}") from exc
     except preemption.Preempted as exc:
         log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
         raise SystemExit(preemption.EXIT_REQUEUE) from exc
+    except TooManyUnreadable as exc:
+        raise unreadable.exit_after(exc, env.is_main) from exc
     finally:
         lock.release()
         cleanup_distributed()
@@ -223,8 +233,10 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
 
     per_rank_batch = args.batch_size // env.world_size
     sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader = DataLoader(ReplacingUnreadable(train_set, args.max_unreadable), batch_sampler=sampler,
+                        num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
+    unreadable_files = UnreadableFiles(args.max_unreadable, device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -296,8 +308,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         epoch_lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: shows the warm-up
         try:
             stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
-                                    args.print_freq, first_step)
-        except preemption.Preempted as stop:
+                                    args.print_freq, unreadable_files, first_step)
+        except (preemption.Preempted, TooManyUnreadable) as stop:
             if env.is_main:
                 checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST)
             barrier()

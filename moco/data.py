@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .images import is_image, load_rgb, number_key
+from .unreadable import DEFAULT_MAX_UNREADABLE, first_readable
 
 
 def find_unlabeled_images(data_dir: str | Path) -> list[Path]:
@@ -38,21 +39,26 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class UnlabeledImages(Dataset):
-    """Indexed by ``(epoch, index)`` (see ``EpochSampler``); returns ``transform(image)``."""
+    """Indexed by ``(epoch, index)`` (see ``EpochSampler``); returns ``(transform(image), failed, error)``.
 
-    def __init__(self, paths: list[Path], transform, seed: int = 0):
-        self.paths, self.transform, self.seed = paths, transform, seed
+    An unreadable file's sample is the next readable image, augmented with the seed of the sample it replaces, so
+    that it too is a function of (seed, epoch, index) and of which files are bad; ``failed`` is the index whose
+    file failed (-1: none), ``error`` says why (see moco.unreadable)."""
+
+    def __init__(self, paths: list[Path], transform, seed: int = 0, max_unreadable: int = DEFAULT_MAX_UNREADABLE):
+        self.paths, self.transform, self.seed, self.max_unreadable = paths, transform, seed, max_unreadable
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        image = load_rgb(self.paths[index])
+        image, failed, error = first_readable(lambda i: load_rgb(self.paths[i]), index, len(self.paths),
+                                              self.max_unreadable)
         # torchvision's transforms draw from torch's global RNG; fork it so the caller's stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image)
+            return self.transform(image), failed, error
 
 
 class EpochSampler(Sampler):

@@ -18,6 +18,10 @@ Differences from main_moco.py:
   moco.runlock). Every checkpoint carries the run's id (see moco.runs), which fine-tuning records.
 - SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption) stops the run at the next step with a mid-epoch
   checkpoint and exit status 75; the resumed run continues from that step (see moco.preemption).
+- An image that cannot be read is replaced by the next readable one, logged once and counted in metrics.jsonl
+  (``unreadable_images``); once more than --max-unreadable distinct files have failed, the run stops with a
+  mid-epoch checkpoint, the list of files and exit status 65 (EX_DATAERR), which is not requeued (see
+  moco.unreadable). An unreadable image of the kNN probe ends the run at its start with one line naming the file.
 - In a single process, batch-norm statistics are computed per sub-batch (--bn-splits) and keys are shuffled
   among sub-batches: shuffle-BN's guard against the batch-statistics shortcut, without a second GPU.
 - Mixed precision (--precision), channels_last, device-side normalisation; --image-size for tiny runs;
@@ -40,18 +44,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tv_models
 
-from . import checkpoint, preemption, runs
+from . import checkpoint, preemption, runs, unreadable
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
 from .devices import add_device_argument, configure_backends
 from .distributed import all_reduce_mean, average_running_stats, barrier, cleanup_distributed, init_distributed
+from .images import UnreadableImage
 from .logger import append_metrics, get_logger, setup_logging
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
 from .runlock import DirectoryLock
-from .workers import DataLoader
+from .unreadable import TooManyUnreadable, UnreadableFiles
+from .workers import DataLoader, original_message
 
 log = get_logger("moco.train")
 
@@ -98,6 +104,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-freq", default=10, type=int, help="kNN probe every N epochs (0: never)")
     p.add_argument("--probe-k", default=20, type=int)
     p.add_argument("--probe-max-images", default=2000, type=int, help="labeled images per split used by the probe")
+    unreadable.add_argument(p)
     return p
 
 
@@ -154,17 +161,20 @@ def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
 
 
 def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
-                    world_size: int, first_step: int = 0) -> dict:
-    """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop."""
+                    world_size: int, unreadable_files: UnreadableFiles, first_step: int = 0) -> dict:
+    """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop and
+    ``TooManyUnreadable`` past --max-unreadable."""
     model.train()
+    unreadable_files.start_epoch()
     # Sums stay on the device: reading them every step would make the host wait for the GPU every step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
-    for step, (im_q, im_k) in enumerate(loader, first_step):
+    for step, ((im_q, im_k), failed, errors) in enumerate(loader, first_step):
         if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
+        unreadable_files.update(step, failed.tolist(), errors)
         im_q, im_k = normalize(im_q), normalize(im_k)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, labels = model(im_q, im_k)
@@ -182,6 +192,7 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
         "loss": all_reduce_mean(loss_sum.item() / max(seen, 1), device),
         "acc1": all_reduce_mean(100.0 * correct.item() / max(seen, 1), device),
         "images_per_s": seen * world_size / elapsed,
+        "unreadable_images": unreadable_files.epoch_count(),
     }
 
 
@@ -203,11 +214,13 @@ def main(argv: list[str] | None = None) -> MoCo:
     try:
         runs.decided_by_rank0(lock.acquire, env.device)  # a refusal reaches every rank
         return _train(args, env, output_dir)
-    except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
-        raise SystemExit(f"error: {exc}") from exc
+    except (FileNotFoundError, ValueError, UnreadableImage) as exc:  # the user's to fix: say what, no traceback
+        raise SystemExit(f"error: {original_message(exc)}") from exc
     except preemption.Preempted as exc:
         log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
         raise SystemExit(preemption.EXIT_REQUEUE) from exc
+    except TooManyUnreadable as exc:
+        raise unreadable.exit_after(exc, env.is_main) from exc
     finally:
         lock.release()
         cleanup_distributed()
@@ -261,13 +274,15 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed)
+    dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed,
+                              args.max_unreadable)
     sampler = EpochSampler(len(dataset), env.rank, env.world_size, args.seed)
     loader = DataLoader(
         dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
     )
     normalize = Normalize(memory_format=memory_format).to(device)
+    unreadable_files = UnreadableFiles(args.max_unreadable, device)
     log.info("%d images in %s; %d steps an epoch of %d images", len(paths), paths[0].parent, len(loader),
              args.batch_size)
 
@@ -304,8 +319,8 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             group["lr"] = lr
         try:
             stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args,
-                                    device, env.world_size, first_step)
-        except preemption.Preempted as stop:
+                                    device, env.world_size, unreadable_files, first_step)
+        except (preemption.Preempted, TooManyUnreadable) as stop:
             if env.is_main:
                 checkpoint.save_atomic(state(epoch, stop.step), output_dir / checkpoint.LAST)
             barrier()

@@ -47,6 +47,15 @@ def _guard_worker(main_pid: int, worker_id: int) -> None:
     threading.Thread(target=_take_stop_signals, args=(main_pid,), name="stop signals", daemon=True).start()
 
 
+def original_message(exc: BaseException) -> str:
+    """``str(exc)``, one line even when a worker raised it: torch re-raises a worker's exception as the same type
+    with the worker's whole traceback as its message, whose last line is the original ``module.Type: message``."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    return text.rstrip("\n").rsplit("\n", 1)[-1].split(": ", 1)[-1]
+
+
 class DataLoader(torch.utils.data.DataLoader):
     """torch's DataLoader whose workers outlive SIGUSR1 and SIGTERM from anyone but the main process."""
 

@@ -26,16 +26,16 @@ def test_views_depend_on_seed_epoch_and_index_only(tmp_path):
     paths = sorted(tmp_path.glob("*.PNG"))
     dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(32)), seed=7)
     torch.manual_seed(123)
-    a = dataset[(3, 1)]
+    a, _, _ = dataset[(3, 1)]
     torch.manual_seed(456)  # the caller's RNG does not leak into the sample ...
-    b = dataset[(3, 1)]
+    b, _, _ = dataset[(3, 1)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     state = torch.get_rng_state()
     dataset[(3, 1)]
     assert torch.equal(state, torch.get_rng_state())  # ... and the sample does not disturb the caller's RNG
-    c = dataset[(4, 1)]  # another epoch, other views
+    c, _, _ = dataset[(4, 1)]  # another epoch, other views
     assert not torch.equal(a[0], c[0])
-    other_seed = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(32)), seed=8)[(3, 1)]
+    other_seed = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(32)), seed=8)[(3, 1)][0]
     assert not torch.equal(a[0], other_seed[0])
 
 

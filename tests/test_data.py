@@ -1,7 +1,8 @@
 import pytest
+import torch
 from PIL import Image
 
-from moco.data import EpochSampler, UnlabeledImages, find_unlabeled_images
+from moco.data import EpochSampler, UnlabeledImages, find_unlabeled_images, sample_seed
 
 
 def _write_pngs(folder, numbers):
@@ -26,13 +27,38 @@ def test_missing_or_empty_folder_names_the_path(tmp_path):
         find_unlabeled_images(tmp_path / "empty")
 
 
-def test_corrupt_image_error_names_the_file(tmp_path):
-    _write_pngs(tmp_path, [0])
-    (tmp_path / "1.PNG").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    dataset = UnlabeledImages(find_unlabeled_images(tmp_path), transform=lambda im: im)
-    assert dataset[(0, 0)].size == (8, 8)
-    with pytest.raises(RuntimeError, match=r"1\.PNG: cannot read image"):
-        dataset[(0, 1)]
+def truncate_png(path):
+    """A PNG cut in the middle of its pixels: the header reads, the image does not decode."""
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _write_broken(folder):
+    """Images 0..7 with 2 truncated, 3 empty, 4 a text file, 7 truncated: replaced by 5, 5, 5 and (wrapping) 0."""
+    _write_pngs(folder, range(8))
+    truncate_png(folder / "2.PNG")
+    (folder / "3.PNG").write_bytes(b"")
+    (folder / "4.PNG").write_text("not an image\n")
+    truncate_png(folder / "7.PNG")
+    return {2: 5, 3: 5, 4: 5, 7: 0}
+
+
+def test_an_unreadable_image_is_the_next_readable_one_with_its_own_seed(tmp_path):
+    replaced_by = _write_broken(tmp_path)
+
+    def colour_and_draw(image):  # which image was read, and a draw from the sample's seed
+        return image.getpixel((0, 0))[0], torch.rand(1).item()
+
+    dataset = UnlabeledImages(find_unlabeled_images(tmp_path), colour_and_draw, seed=3)
+    for index in range(8):
+        (colour, draw), failed, error = dataset[(1, index)]
+        assert colour == replaced_by.get(index, index)
+        assert draw == torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(3, 1, index))).item()
+        if index in replaced_by:
+            assert failed == index and error.startswith(f"{tmp_path / f'{index}.PNG'}: cannot read image: ")
+        else:
+            assert (failed, error) == (-1, "")
 
 
 def test_sampler_shards_are_disjoint_equal_and_change_per_epoch():

@@ -35,13 +35,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_signal_on_one_rank_stops_both(tmp_path, subprocess_env):
+def run_two_ranks(source: str, tmp_path, env) -> list[str]:
+    """Runs ``source`` as ranks 0 and 1 (argv: rank, port) and returns the last line each printed."""
     script = tmp_path / "rank.py"
-    script.write_text(RANK)
+    script.write_text(source)
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port], env=subprocess_env,
-                              cwd=subprocess_env["PYTHONPATH"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port], env=env, cwd=env["PYTHONPATH"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    assert [o.strip().splitlines()[-1] for o in outputs] == ["0 [False, True, False, True]", "1 [False, True, False, True]"]
+    return [o.strip().splitlines()[-1] for o in outputs]
+
+
+def test_a_signal_on_one_rank_stops_both(tmp_path, subprocess_env):
+    assert run_two_ranks(RANK, tmp_path, subprocess_env) == ["0 [False, True, False, True]",
+                                                             "1 [False, True, False, True]"]
