@@ -99,7 +99,7 @@ def _split_images(root: Path, split: str) -> list[Path]:
     if (root / "annotations" / f"instances_{split}.json").is_file():
         folder = root / split
         return sorted(p for p in folder.rglob("*") if is_image(p.name)) if folder.is_dir() else []
-    raise ValueError(f"{root / split}: has images/ but no labels/")
+    raise ValueError(f"{root / split}: has images/ but no labels/ (--splits names the splits to check)")
 
 
 def plan(paths: list[Path], splits: list[str] | None) -> Plan:

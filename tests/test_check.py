@@ -173,9 +173,11 @@ def test_notes_and_repairs_pass_and_strict_labels_refuses_the_repairs(tmp_path, 
     (["empty"], "empty: neither unlabeled images"),
     (["labeled", "--splits", "test"], "labeled: no split test (it has training)"),
     (["labeled", "--workers", "0"], "--workers 0: at least 1"),
+    (["partial"], "partial/test: has images/ but no labels/ (--splits names the splits to check)"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch, args, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "partial" / "test" / "images").mkdir(parents=True)
     _split(tmp_path / "labeled", "training", {}, [])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
