@@ -114,8 +114,9 @@ preflight() {
 }
 
 # check_data PATH...: with CHECK_DATA=1 (a knob: R1_CHECK_DATA, FPN_CHECK_DATA, ALL_CHECK_DATA...), python -m
-# demo.check decodes every image of PATH and reads every label file, on this node's CPUs, before any GPU time is
-# spent; a dataset with errors stops the job here (exit 1: failed, not requeued; afterok stages cancelled).
+# demo.check decodes every image of PATH and reads every label file on this node's CPUs before the tasks start (the
+# GPUs wait meanwhile); a dataset with errors stops the job here (exit 1: failed, not requeued; afterok stages
+# cancelled) instead of hours into training.
 check_data() {
     [[ ${CHECK_DATA:-0} == 1 ]] || return 0
     log "checking the data first (CHECK_DATA=1): python -m demo.check $*"
