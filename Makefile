@@ -48,7 +48,7 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data pretrain finetune evaluate demo test test-fast mutate clean slurm-up slurm-down pipeline
+.PHONY: help venv doctor data check-data pretrain finetune evaluate demo test test-fast mutate clean slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -69,6 +69,9 @@ doctor: $(STAMP) ## Preflight: torch build, its GPU architectures, driver, GPUs,
 
 data: $(STAMP) ## Generate the tiny dataset in data/tiny (about 20 s; skipped when already there)
 	$(PY) -m moco.tinyset --out $(DATA) --workers 2
+
+check-data: data ## Check every file of the tiny dataset (full decode, labels, classes); exit 1 on errors
+	$(PY) -m demo.check $(DATA)/train $(DATA)/labeled
 
 pretrain: data ## MoCo v2 pretraining on the tiny dataset, into runs/demo/moco (resumes if interrupted)
 	$(PY) -m moco.train $(DATA)/train --output-dir $(RUN)/moco --probe-data $(DATA)/labeled \

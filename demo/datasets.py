@@ -112,6 +112,10 @@ class ReplacingUnreadable(torch.utils.data.Dataset):
 
 def course_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:
     """A course split; image ids are the numbers in the file names, so ids are stable across splits."""
+    return _checked(_course_set(root, split, transforms), strict)
+
+
+def _course_set(root: str | Path, split: str, transforms=None) -> DetectionSet:
     category_of = {name: index + 1 for index, name in enumerate(CLASSES)}
     pairs, problems = scan_split(root, split)
     samples = []
@@ -125,13 +129,17 @@ def course_split(root: str | Path, split: str, transforms=None, strict: bool = F
         problems += repairs
         samples.append(Sample(int(image_path.stem), image_path, *size, tuple(map(tuple, fitted)),
                               tuple(category_of[names[i]] for i in kept)))
-    return _checked(DetectionSet(samples, {index + 1: name for index, name in enumerate(CLASSES)}, transforms,
-                                 source=f"{Path(root) / split}", problems=problems), strict)
+    return DetectionSet(samples, {index + 1: name for index, name in enumerate(CLASSES)}, transforms,
+                        source=f"{Path(root) / split}", problems=problems)
 
 
 def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=None,
                strict: bool = False) -> DetectionSet:
     """A COCO instances file; crowd regions are left out of training targets and ground truth."""
+    return _checked(_coco_set(annotation_file, image_dir, transforms), strict)
+
+
+def _coco_set(annotation_file: str | Path, image_dir: str | Path, transforms=None) -> DetectionSet:
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     try:
         data = json.loads(annotation_file.read_text())
@@ -178,8 +186,7 @@ def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=No
         kept, fitted, repairs = fit_boxes(path, boxes, *size)
         problems += repairs
         samples.append(Sample(image_id, path, *size, tuple(map(tuple, fitted)), tuple(cats[i] for i in kept)))
-    return _checked(DetectionSet(samples, categories, transforms, source=str(annotation_file), problems=problems),
-                    strict)
+    return DetectionSet(samples, categories, transforms, source=str(annotation_file), problems=problems)
 
 
 def _header_size(path: Path, problems: list[Problem]) -> tuple[int, int]:
@@ -211,12 +218,18 @@ def _checked(dataset: DetectionSet, strict: bool) -> DetectionSet:
 def load_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:
     """Whichever layout ``root`` has for ``split``: the course's label folders or a COCO annotation file. Label
     problems follow ``moco.labels``' policy: every error listed at once, repairs summarised."""
+    return _checked(read_split(root, split, transforms), strict)
+
+
+def read_split(root: str | Path, split: str, transforms=None) -> DetectionSet:
+    """``load_split`` without the refusal: every problem found, errors included, is on ``.problems`` (for
+    ``demo.check``); a COCO file that does not parse still raises ValueError."""
     root = Path(root)
     coco_file = root / "annotations" / f"instances_{split}.json"
     if (root / split / "labels").is_dir():
-        return course_split(root, split, transforms, strict)
+        return _course_set(root, split, transforms)
     if coco_file.is_file():
-        return coco_split(coco_file, root / split, transforms, strict)
+        return _coco_set(coco_file, root / split, transforms)
     raise FileNotFoundError(f"{root}: no split {split!r}: expected {root / split}/images + labels (course layout) "
                             f"or {coco_file} (COCO layout)")
 

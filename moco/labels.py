@@ -5,7 +5,8 @@ Every problem is found in one pass and reported together, grouped by kind, so th
 one attempt to find, not 50. Each kind is either an error, which training refuses (a length mismatch or an unknown
 class name cannot be repaired without guessing), or a repair, which training makes and summarises at start (a box
 reaching outside its image is clamped to it; a box with no area left is dropped). ``--strict-labels`` turns the
-repairs into errors. Images without boxes are valid background images, not a problem.
+repairs into errors. Images without boxes are valid background images, not a problem. ``demo.check`` adds notes on
+images that decode by the policy of ``moco.images`` (16-bit, palette, transparency...): neither errors nor repairs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ MIN_BOX_SIZE = 1.0
 
 # kind -> whether training refuses it (an error) rather than repairing it
 KINDS: dict[str, bool] = {
+    "annotation file that does not parse": True,
+    "split without images": True,
     "unreadable image": True,
+    "empty image file": True,
     "image without label file": True,
     "listed image missing": True,
     "image not named N.JPEG": True,
@@ -35,6 +39,17 @@ KINDS: dict[str, bool] = {
     "box without area (dropped)": False,
     "label file without image (ignored)": False,
 }
+# Images that moco.images converts by its stated policy, reported by demo.check: notes, which training accepts even
+# under --strict-labels (it refuses label repairs, not image modes).
+IMAGE_NOTES: tuple[str, ...] = (
+    "16/32-bit greyscale (scaled to 8 bits)",
+    "palette image (converted to RGB)",
+    "transparency (composited on white)",
+    "greyscale image (converted to RGB)",
+    "other image mode (converted to RGB)",
+    "EXIF orientation (applied)",
+)
+KINDS.update(dict.fromkeys(IMAGE_NOTES, False))
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,9 @@ def fit_boxes(path: Path, boxes: list[list[float]], width: int, height: int) -> 
 
 
 def errors(problems: list[Problem], strict: bool = False) -> list[Problem]:
-    """What training refuses: the errors, and with ``strict`` the repairs too (never the ignored extras)."""
-    return [p for p in problems if p.is_error or (strict and "(ignored)" not in p.kind)]
+    """What training refuses: the errors, and with ``strict`` the repairs too (never the ignored extras, never the
+    image notes)."""
+    return [p for p in problems if p.is_error or (strict and "(ignored)" not in p.kind and p.kind not in IMAGE_NOTES)]
 
 
 def _plural(n: int, word: str) -> str:

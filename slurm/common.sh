@@ -7,6 +7,7 @@
 #                            R1_EPOCHS=2 is r1's alone, FPN_EXTRA_ARGS the three fine-tuning stages', ALL_WORKERS
 #                            every job's. A bare NAME is never read: a leftover `export EPOCHS=1` changes nothing
 #   unpack_squashfs IMAGE DEST  data staging, when the site ships squashfs images
+#   check_data PATH...       with the knob CHECK_DATA at 1: every file of the job's data checked before training
 #   run_tasks ARGS...        one task per GPU on every node through srun, then requeue when the time limit is near
 
 log() { echo "$(date '+%F %T') ${SLURM_JOB_ID:+[$SLURM_JOB_NAME $SLURM_JOB_ID] }$*"; }
@@ -110,6 +111,23 @@ export_network() {
 preflight() {
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
     $CONTAINER "$TASK_PYTHON" -m moco.doctor || die "preflight failed (python -m moco.doctor, above); nothing was run"
+}
+
+# check_data PATH...: with CHECK_DATA=1 (a knob: R1_CHECK_DATA, FPN_CHECK_DATA, ALL_CHECK_DATA...), python -m
+# demo.check decodes every image of PATH and reads every label file on this node's CPUs before the tasks start (the
+# GPUs wait meanwhile); a dataset with errors stops the job here (exit 1: failed, not requeued; afterok stages
+# cancelled) instead of hours into training.
+check_data() {
+    [[ ${CHECK_DATA:-0} == 1 ]] || return 0
+    log "checking the data first (CHECK_DATA=1): python -m demo.check $*"
+    local status=0
+    # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
+    $CONTAINER "$TASK_PYTHON" -m demo.check "$@" || status=$?
+    (( status == 0 )) && { log "data check passed"; return 0; }
+    (( status == 1 )) && die "the data check found errors, listed by kind in its report above in this log:" \
+        "fix or remove those files and submit again (or set ${STAGE}_CHECK_DATA=0 to train without the check);" \
+        "nothing was run"
+    die "the data check could not run (python -m demo.check, status $status, above); nothing was run"
 }
 
 # unpack_squashfs IMAGE DEST: unpack once; a parallel or requeued job finds DEST complete or unpacks its own copy

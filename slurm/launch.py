@@ -68,7 +68,8 @@ def _finetune(stage: str, epochs: int) -> Stage:
     return Stage(
         f"demo_mocov2_fpn_{stage}", "demo.train", stage.upper(), "FPN", "FINETUNE_PARTITION", 2, 24, 900,
         ("LABELED_SQSH", "LABELED_ROOT"),
-        {**backbone, "EPOCHS": str(epochs), "BATCH_SIZE": "4", "LR": "", "WORKERS": "4", "EXTRA_ARGS": ""},
+        {**backbone, "EPOCHS": str(epochs), "BATCH_SIZE": "4", "LR": "", "WORKERS": "4", "EXTRA_ARGS": "",
+         "CHECK_DATA": "0"},
         lambda v: ["--stage", stage, *(["--bp", v["BACKBONE"]] if backbone else []), "--dataset-root",
                    v["LABELED_ROOT"], "--output-dir", f"{v['RUN_DIR']}/fpn", "--epochs", v["EPOCHS"],
                    "-b", v["BATCH_SIZE"], *(["--lr", v["LR"]] if v["LR"] else []), "-j", v["WORKERS"],
@@ -78,7 +79,8 @@ def _finetune(stage: str, epochs: int) -> Stage:
 STAGES = {
     "moco": Stage(
         "moco_v2", "moco.train", "MOCO", "", "PRETRAIN_PARTITION", 4, 24, 300, ("UNLABELED_SQSH", "UNLABELED_DIR"),
-        {"ARCH": "resnet50", "EPOCHS": "100", "BATCH_SIZE": "128", "LR": "0.015", "WORKERS": "5", "EXTRA_ARGS": ""},
+        {"ARCH": "resnet50", "EPOCHS": "100", "BATCH_SIZE": "128", "LR": "0.015", "WORKERS": "5", "EXTRA_ARGS": "",
+         "CHECK_DATA": "0"},
         lambda v: [v["UNLABELED_DIR"], "--output-dir", f"{v['RUN_DIR']}/moco", "-a", v["ARCH"], "--epochs",
                    v["EPOCHS"], "-b", v["BATCH_SIZE"], "--lr", v["LR"], "-j", v["WORKERS"], "--mlp", "--moco-t",
                    "0.2", "--aug-plus", "--cos", *v["EXTRA_ARGS"].split()]),
@@ -123,6 +125,15 @@ def stage_argv(stage: Stage, cfg: dict[str, str]) -> list[str]:
                         for name, default in stage.knobs.items()}}
     log.info("%s knobs: %s", stage.script, " ".join(f"{name}={values[name]!r}" for name in stage.knobs))
     return stage.argv(values)
+
+
+def data_check(stage: Stage, cfg: dict[str, str]) -> list[str]:
+    """The batch script's lines for the CHECK_DATA knob (training stages): common.sh's check_data on the stage's
+    data, which stops the job before the tasks start when the check finds errors."""
+    if "CHECK_DATA" not in stage.knobs or knob(cfg, stage.knob_stage, stage.knob_group, "CHECK_DATA", "0") != "1":
+        return []
+    return [f"CHECK_DATA=1 STAGE={stage.knob_stage} TASK_PYTHON={shlex.quote(cfg['TASK_PYTHON'])} "
+            f"CONTAINER={shlex.quote(cfg.get('CONTAINER', ''))} check_data {shlex.quote(cfg[stage.data[1]])}"]
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -195,7 +206,7 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
             name=stage.script, nodes=args.nodes, tasks_per_node=max(gpus, 1), gpus_per_node=gpus or None,
             cpus_per_task=CPUS_PER_TASK, timeout_min=args.timeout_min or stage.hours * 60,
             slurm_mem_per_gpu=MEM_PER_GPU if gpus else None, slurm_partition=cfg[stage.partition],
-            slurm_account=cfg.get("ACCOUNT") or None, slurm_setup=setup + unpack,
+            slurm_account=cfg.get("ACCOUNT") or None, slurm_setup=setup + unpack + data_check(stage, cfg),
             slurm_signal_delay_s=stage.warn_s, slurm_dependency=f"afterok:{after}" if after else None,
             slurm_additional_parameters={"requeue": True, **({"kill-on-invalid-dep": "yes"} if after else {}),
                                          **extra})

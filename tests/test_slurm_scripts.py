@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
@@ -117,3 +118,52 @@ def test_slurm_durations_read_as_seconds(limit, seconds):
                             capture_output=True, text=True)
     assert (result.stdout.strip() or None) == (None if seconds is None else str(seconds))
     assert (result.returncode == 0) == (seconds is not None)
+
+
+def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
+    """R1_CHECK_DATA=1: the job runs demo.check on LABELED_ROOT after the preflight; a bad label file stops the job
+    (exit 1, nothing run, the report in the log), and so does a check that cannot run; a check that passes goes on
+    to srun; the knob off runs no check."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\necho srun >>"$CALLS"\n')
+    # The preflight and srun are faked; the check is the real one unless CHECK_STATUS fakes its exit status.
+    (bin_dir / "python").write_text(f'#!/bin/bash\necho "python $*" >>"$CALLS"\n[[ $2 == demo.check ]] || exit 0\n'
+                                    f'[[ -n $CHECK_STATUS ]] && exit $CHECK_STATUS\nexec {sys.executable} "$@"\n')
+    for tool in ("srun", "python"):
+        (bin_dir / tool).chmod(0o755)
+    labeled = tmp_path / "labeled"
+    for folder in ("images", "labels"):
+        (labeled / "training" / folder).mkdir(parents=True)
+    Image.new("RGB", (32, 24)).save(labeled / "training/images/1.JPEG")
+    label = labeled / "training/labels/1.yml"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SITE_CONF": str(SLURM / "site.conf.example"),
+           "TASK_PYTHON": str(bin_dir / "python"), "CALLS": str(tmp_path / "calls"), "LOG_DIR": str(tmp_path / "logs"),
+           "RUN_DIR": str(tmp_path / "run"), "LABELED_ROOT": str(labeled), "SLURM_SUBMIT_DIR": str(SLURM),
+           "SLURM_JOB_NAME": "demo_mocov2_fpn_r1", "R1_CHECK_DATA": "1"}
+
+    def job(job_id: int, **extra) -> tuple[int, list[str], str]:
+        (tmp_path / "calls").unlink(missing_ok=True)
+        done = subprocess.run(["bash", "demo_mocov2_fpn_r1.slurm"], cwd=SLURM, capture_output=True, timeout=120,
+                              env={**env, "SLURM_JOB_ID": str(job_id), **extra})
+        log = (tmp_path / "logs" / f"demo_mocov2_fpn_r1_{job_id}.out").read_text()
+        return done.returncode, (tmp_path / "calls").read_text().splitlines(), log
+
+    label.write_text("bboxes: [[1, 2, 20, 20]]\nlabels: [dgo]\n")
+    status, calls, log = job(1)
+    assert status == 1 and [c.split()[:3] for c in calls] == [["python", "-m", "moco.doctor"],
+                                                              ["python", "-m", "demo.check"]]
+    assert f"unknown class: 1 file\n    {label}: ['dgo']" in log
+    assert "error: the data check found errors, listed by kind in its report above in this log" in log
+    assert "R1_CHECK_DATA=0" in log.splitlines()[-1]
+
+    status, calls, log = job(2, CHECK_STATUS="0")
+    assert status == 0 and calls == ["python -m moco.doctor", f"python -m demo.check {labeled}", "srun"]
+    assert "data check passed" in log
+
+    status, calls, log = job(3, CHECK_STATUS="2")
+    assert status == 1 and "srun" not in calls
+    assert "error: the data check could not run (python -m demo.check, status 2, above)" in log
+
+    status, calls, _ = job(4, R1_CHECK_DATA="0")
+    assert status == 0 and calls == ["python -m moco.doctor", "srun"]

@@ -83,6 +83,23 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
             assert recorded[recorded.index("--epochs") + 1] == "27"
 
 
+def test_check_data_knob_runs_common_shs_check_before_the_tasks(tmp_path):
+    """R1_CHECK_DATA=1: r1's batch script runs common.sh's check_data on LABELED_ROOT, whose errors stop the job;
+    evaluation has no such knob, and the knob off adds nothing."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/bash\necho "$*" >"$RECORD"\nexit 1\n')
+    python.chmod(0o755)
+    cfg = {"TASK_PYTHON": str(python), "CONTAINER": "", "LABELED_ROOT": str(tmp_path / "my data"),
+           "R1_CHECK_DATA": "1", "ALL_CHECK_DATA": "1"}
+    assert launch.data_check(launch.STAGES["r2"], {**cfg, "R1_CHECK_DATA": "0", "ALL_CHECK_DATA": "0"}) == []
+    assert launch.data_check(launch.STAGES["eval"], cfg) == []
+    lines = launch.data_check(launch.STAGES["r1"], cfg)
+    done = subprocess.run(["bash", "-c", "source slurm/common.sh; " + "; ".join(lines)], cwd=ROOT, text=True,
+                          capture_output=True, env={"PATH": os.environ["PATH"], "RECORD": str(tmp_path / "argv")})
+    assert done.returncode == 1 and "error: the data check found errors" in done.stdout
+    assert (tmp_path / "argv").read_text() == f"-m demo.check {tmp_path / 'my data'}\n"
+
+
 def job_info(job_id: str) -> dict:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True, text=True,
                          timeout=30).stdout
