@@ -280,7 +280,7 @@ def test_every_rank_starts_from_the_file_rank_0_chose(tmp_path, subprocess_env):
     views = [tmp_path / "rank0-view", tmp_path / "rank1-view"]
     for view in views:
         view.mkdir()
-    (views[0] / checkpoint.LAST).write_bytes(b"")
+    checkpoint.save_atomic({"epoch": 1}, views[0] / checkpoint.LAST)
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     with socket.socket() as s:
