@@ -13,6 +13,7 @@ Exit statuses of moco.train and demo.train (sysexits.h numbers):
 from __future__ import annotations
 
 import contextlib
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -68,20 +69,43 @@ def _kept(last: Path) -> str:
     return f"{last.name} (epoch {ckpt.get('epoch')}{step}) is intact"
 
 
-@contextlib.contextmanager
-def exit_statuses(last: Path) -> Iterator[None]:
-    """The trainers' errors as their exit statuses, each with one message; ``last``: the run's checkpoint_last."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as exc:  # the user's to fix: say what, without a traceback
-        raise SystemExit(f"error: {exc}") from exc
-    except preemption.Preempted as exc:
+def _ending(exc: BaseException, last: Path) -> SystemExit | None:
+    """The exit for ``exc``, its message logged; None for an error that keeps its traceback."""
+    if isinstance(exc, (FileNotFoundError, ValueError)):  # the user's to fix: say what, without a traceback
+        return SystemExit(f"error: {exc}")
+    if isinstance(exc, preemption.Preempted):
         log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
-        raise SystemExit(preemption.EXIT_REQUEUE) from exc
-    except checkpoint.WriteError as exc:
+        return SystemExit(preemption.EXIT_REQUEUE)
+    if isinstance(exc, checkpoint.WriteError):
         log.error("%s (exit status %d)", exc, EXIT_IOERR)
-        raise SystemExit(EXIT_IOERR) from exc
-    except NonFiniteLoss as exc:
+        return SystemExit(EXIT_IOERR)
+    if isinstance(exc, NonFiniteLoss):
         log.error("%s: the run stopped before applying it; %s. Try a lower --lr (exit status %d)", exc, _kept(last),
                   EXIT_DIVERGED)
-        raise SystemExit(EXIT_DIVERGED) from exc
+        return SystemExit(EXIT_DIVERGED)
+    return None
+
+
+def _release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of the finished frames that ``exc`` and the errors behind it passed through."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+@contextlib.contextmanager
+def exit_statuses(last: Path) -> Iterator[None]:
+    """The trainers' errors as their exit statuses, each with one message; ``last``: the run's checkpoint_last.
+
+    Whatever the error, the frames it passed through let go of the training's objects, so that
+    ``moco.distributed.cleanup_distributed`` can free the DDP model before it leaves the process group."""
+    try:
+        yield
+    except BaseException as exc:
+        _release_frames(exc)
+        ending = _ending(exc, last)
+        if ending is None:
+            raise
+        raise ending from exc

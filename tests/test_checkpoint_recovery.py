@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,24 @@ def test_a_run_that_diverges_before_its_first_save_says_so(tmp_path, caplog):
     with pytest.raises(SystemExit), failures.exit_statuses(tmp_path / checkpoint.LAST):
         raise failures.NonFiniteLoss("non-finite loss at epoch 0 step 2: inf (l 1)")
     assert "; nothing was saved since it started. Try a lower --lr" in caplog.text
+
+
+def test_an_error_leaving_the_trainer_lets_go_of_its_objects(tmp_path):
+    """Else a DDP model kept alive by the error's frames would leave the process group last, at exit, holding the
+    GIL: a hang (see moco.distributed.cleanup_distributed)."""
+    class Model:
+        pass
+
+    held = []
+
+    def train():
+        model = Model()
+        held.append(weakref.ref(model))
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug") as raised, failures.exit_statuses(tmp_path / checkpoint.LAST):
+        train()
+    assert held[0]() is None and raised.traceback  # the error is kept, with its traceback, but not train's locals
 
 
 @pytest.mark.slow
