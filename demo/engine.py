@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 
 import torch
 import torch.distributed as dist
 
-from moco import preemption
+from moco import failures, preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
@@ -48,13 +47,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
-        # One read of all the losses a step, for the finiteness check (torchvision's samplers wait for the GPU
-        # several times a step anyway).
+        # One read of all the losses a step, for the statistics (torchvision's samplers wait for the GPU several
+        # times a step anyway). The finiteness check, one flag all_reduced under DDP, comes before backward.
         values = dict(zip(["loss", *loss_dict], torch.stack([loss, *loss_dict.values()]).detach().float().tolist()))
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {step} "
-                                     f"({ {k: round(v, 4) for k, v in values.items() if k != 'loss'} }); "
-                                     f"try a lower --lr")
+        failures.check_loss(loss, epoch, step, lambda: ", ".join(f"{k} {v.item():.4g}" for k, v in loss_dict.items()))
         optimizer_step(loss, optimizer, scaler)
         scheduler.step()
         seen += len(images)

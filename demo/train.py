@@ -14,7 +14,10 @@ Hyper-parameter contract (defaults reproduce the original at total batch 4, see 
 
 Files, in ``<output-dir>/<stage>/``: ``checkpoint_last.pth.tar`` after every epoch, ``checkpoint_best.pth.tar``
 (highest validation AP), ``metrics.jsonl``, ``train.log``. A checkpoint holds everything evaluation needs
-(weights, architecture, class names) and everything a resume needs (optimizer, lr scheduler, scaler, epoch).
+(weights, architecture, class names) and everything a resume needs (optimizer, lr scheduler, scaler, epoch). A
+``checkpoint_last`` that does not read (truncated, garbage) is passed over, with a warning, for the stage's
+``checkpoint_best`` (the same stage at an earlier or the same epoch); with neither readable the run stops with an
+error naming both.
 Re-running a stage resumes it from its own last checkpoint; r2 and r3 find the previous stage's final
 checkpoint in the same ``--output-dir`` and refuse to start from an unfinished one. SIGUSR1 or SIGTERM (Slurm's
 time-limit warning, preemption) stops training at the next step with a checkpoint and exit status 75; the resumed
@@ -35,6 +38,10 @@ A training image that cannot be decoded is replaced by the next readable sample,
 metrics.jsonl (``unreadable_images``); once more than ``--max-unreadable`` distinct files have failed, training
 stops with a mid-epoch checkpoint, the list of files and exit status 65 (EX_DATAERR), which is not requeued (see
 moco.unreadable). Validation never replaces an image: an unreadable one ends the run with one line naming it.
+Exit statuses (see moco.failures): 0 done; 1 an error to fix, in one line; 65 more unreadable images than
+--max-unreadable (a mid-epoch checkpoint kept); 70 the loss was not finite (every rank stops at that step
+before applying it, checkpoint_last untouched); 74 a checkpoint could not be written (a full disk: the
+previous one is intact); 75 stopped by a signal, to be requeued.
 """
 from __future__ import annotations
 
@@ -50,15 +57,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco import checkpoint, preemption, runs, unreadable
+from moco import checkpoint, failures, preemption, runs, unreadable
 from moco.devices import add_device_argument, configure_backends
-from moco.distributed import barrier, cleanup_distributed, init_distributed
-from moco.images import UnreadableImage
+from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import append_metrics, get_logger, setup_logging
 from moco.precision import autocast_dtype
 from moco.runlock import DirectoryLock
 from moco.unreadable import TooManyUnreadable, UnreadableFiles
-from moco.workers import DataLoader, original_message
+from moco.workers import DataLoader
 
 from . import coco_eval, lineage
 from .datasets import ReplacingUnreadable, collate, load_split
@@ -128,19 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
     lock = DirectoryLock(stage_dir)
     setup_logging(env.rank)  # the file once the directory is this run's: --restart may move it aside first
     try:
-        aside = runs.decided_by_rank0(lambda: claim_stage(args, stage_dir, lock), env.device)
-        setup_logging(env.rank, stage_dir / "train.log")
-        if aside is not None:
-            log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
-                        aside)
-        return _train(args, env, stage_dir)
-    except (FileNotFoundError, ValueError, UnreadableImage) as exc:  # the user's to fix: say what, no traceback
-        raise SystemExit(f"error: {original_message(exc)}") from exc
-    except preemption.Preempted as exc:
-        log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
-        raise SystemExit(preemption.EXIT_REQUEUE) from exc
-    except TooManyUnreadable as exc:
-        raise unreadable.exit_after(exc, env.is_main) from exc
+        with failures.exit_statuses(stage_dir / checkpoint.LAST):
+            aside = runs.decided_by_rank0(lambda: claim_stage(args, stage_dir, lock), env.device)
+            setup_logging(env.rank, stage_dir / "train.log")
+            if aside is not None:
+                log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
+                            aside)
+            return _train(args, env, stage_dir)
     finally:
         lock.release()
         cleanup_distributed()
@@ -153,6 +153,7 @@ def claim_stage(args: argparse.Namespace, stage_dir: Path, lock: DirectoryLock) 
     own = stage_dir / checkpoint.LAST
     if not args.restart or not own.is_file():
         return None
+    own, _ = runs.first_readable([own, stage_dir / BEST])  # as starting_point chooses, which says why
     if lineage.changed_upstream(checkpoint.load(own, mmap=True), own, stage_dir, args.bp) is None:
         log.info("--restart: %s still matches what it was trained from, and continues", own)
         return None
@@ -165,7 +166,7 @@ def starting_point(args: argparse.Namespace, stage_dir: Path) -> tuple[Path | No
     """Rank 0's decision for every rank: (file, how, upstream, run id). How: "resume" this stage, "chain" from the
     previous stage's end, or "fresh". Upstream: what the checkpoints will record the stage started from."""
     stage = STAGES[args.stage]
-    path = runs.resume_file(stage_dir / checkpoint.LAST, args.resume)
+    path = runs.resume_file(stage_dir / checkpoint.LAST, args.resume, [stage_dir / BEST])
     if path is None and stage.previous:
         path = stage_dir.parent / stage.previous / checkpoint.LAST
         if not path.is_file():
@@ -302,6 +303,25 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
 
     record: dict = {}
     steps_per_epoch = len(loader)
+
+    def validated(done: int, epoch_lr: float, stats: dict, predictions: dict) -> None:
+        """Rank 0: score the epoch's validation, then write its checkpoints and its record."""
+        nonlocal record, best_ap, last_val
+        metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions, val_set.label_to_category))
+        record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats, "val": metrics.stats}
+        is_best = metrics.stats["AP"] > best_ap
+        best_ap, last_val = max(best_ap, metrics.stats["AP"]), metrics.stats
+        snapshot = state(done, 0, last_val)
+        checkpoint.save_atomic(snapshot, stage_dir / checkpoint.LAST)
+        if is_best:
+            checkpoint.save_atomic(snapshot, stage_dir / BEST)
+        append_metrics(stage_dir / "metrics.jsonl", record)
+        log.info("epoch %d/%d done: loss %.4f, %.1f img/s, validation AP %.4f AP50 %.4f%s", done, end_epoch,
+                 stats.get("loss", math.nan), stats["images_per_s"], metrics.stats["AP"], metrics.stats["AP50"],
+                 " (best)" if is_best else "")
+
+    # Rank 0 alone saves, while the others wait for its outcome (runs.decided_by_rank0): a failed save stops them
+    # too, where at a barrier they would wait out the collective timeout.
     for epoch in range(start_epoch, end_epoch):
         first_step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch, skip=first_step)
@@ -310,17 +330,16 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
             stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
                                     args.print_freq, unreadable_files, first_step)
         except (preemption.Preempted, TooManyUnreadable) as stop:
-            if env.is_main:
-                checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST)
-            barrier()
+            runs.decided_by_rank0(
+                lambda: checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST), device)
             raise
         # The epoch's training is kept even if the job is killed during validation, its statistics with it for the
         # record that the resumed run writes after redoing the validation.
         if first_step == steps_per_epoch:
             stats = ckpt.get("epoch_stats") or stats
-        elif env.is_main:
-            checkpoint.save_atomic({**state(epoch, steps_per_epoch, last_val), "epoch_stats": stats},
-                                   stage_dir / checkpoint.LAST)
+        else:
+            runs.decided_by_rank0(lambda: checkpoint.save_atomic(
+                {**state(epoch, steps_per_epoch, last_val), "epoch_stats": stats}, stage_dir / checkpoint.LAST), device)
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
@@ -330,21 +349,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
                                   env.world_size)
         except preemption.Preempted as stop:  # the resumed run redoes this validation only
             raise preemption.Preempted(steps_per_epoch) from stop
-        if env.is_main:
-            metrics = coco_eval.evaluate(ground_truth, coco_eval.to_coco_results(predictions,
-                                                                                  val_set.label_to_category))
-            record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats, "val": metrics.stats}
-            is_best = metrics.stats["AP"] > best_ap
-            best_ap, last_val = max(best_ap, metrics.stats["AP"]), metrics.stats
-            snapshot = state(done, 0, last_val)
-            checkpoint.save_atomic(snapshot, stage_dir / checkpoint.LAST)
-            if is_best:
-                checkpoint.save_atomic(snapshot, stage_dir / BEST)
-            append_metrics(stage_dir / "metrics.jsonl", record)
-            log.info("epoch %d/%d done: loss %.4f, %.1f img/s, validation AP %.4f AP50 %.4f%s", done, end_epoch,
-                     stats.get("loss", math.nan), stats["images_per_s"], metrics.stats["AP"],
-                     metrics.stats["AP50"], " (best)" if is_best else "")
-        barrier()  # other ranks wait for rank 0's checkpoint
+        runs.decided_by_rank0(lambda: validated(done, epoch_lr, stats, predictions), device)
     if start_epoch >= end_epoch:
         log.info("stage %s already complete at epoch %d (%s)", stage.name, start_epoch, source)
     return record

@@ -1,17 +1,25 @@
 """Checkpoint files: written atomically, read without unpickling arbitrary objects.
 
 A checkpoint is first written beside its target under a temporary name, flushed to disk, then renamed over
-the target, so a job killed mid-write leaves the previous checkpoint intact, never a truncated one.
+the target, so a job killed mid-write leaves the previous checkpoint intact, never a truncated one. A write that
+fails (a full disk, a quota) removes the temporary file and raises ``WriteError``, which says how much room is left.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
 LAST = "checkpoint_last.pth.tar"
+_NUMBERED = re.compile(r"checkpoint_(\d+)\.pth\.tar")
+
+
+class WriteError(OSError):
+    """A checkpoint could not be written; the file at its path, if there is one, is the previous one, untouched."""
 
 
 def numbered_name(epochs_done: int) -> str:
@@ -19,18 +27,60 @@ def numbered_name(epochs_done: int) -> str:
     return f"checkpoint_{epochs_done:04d}.pth.tar"
 
 
+def numbered(directory: str | Path) -> list[Path]:
+    """The numbered checkpoints in ``directory``, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := _NUMBERED.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class _Writer:
+    """A file's ``write`` that keeps the OSError it raised: torch.save reports one only as a RuntimeError
+    ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**30:.1f} GiB free" if free >= 2**30 else f"{free / 2**20:.1f} MiB free"
+
+
 def save_atomic(obj: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                writer = _Writer(f)
+                try:
+                    torch.save(obj, writer)
+                except RuntimeError:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        kept = "; the previous checkpoint is intact" if path.is_file() else ""
+        raise WriteError(f"cannot write {path}: {exc} ({_free_space(path.parent)} on that filesystem){kept}") from exc
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -12,6 +12,7 @@ the CPU only when no GPU was allocated or the CPU was asked for; the backend is 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import socket
@@ -109,7 +110,7 @@ def rendezvous_timeout(env=os.environ) -> datetime.timedelta:
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Join the process group of this launch on the device ``select_device(device)`` gives this rank; raises
     ``moco.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them.
-    ``timeout_minutes`` bounds every collective (rank 0 scores validation while the others wait at a barrier)."""
+    ``timeout_minutes`` bounds every collective (rank 0 scores validation while the others wait for its outcome)."""
     env = os.environ
     launch = detect_launch(env)
     launcher, rank, world_size, local_rank = launch.launcher, launch.rank, launch.world_size, launch.local_rank
@@ -149,13 +150,15 @@ def _rendezvous(env, rank: int, world_size: int) -> dist.TCPStore:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group, once the DDP model is gone. Its reducer holds the group, and a group destroyed by
+    that holder is destroyed holding the GIL: it then waits for a gloo worker thread that needs the GIL to release
+    the last collective's tensors, and the process hangs at exit (seen after a failure broadcast by
+    runs.decided_by_rank0). Destroyed by destroy_process_group, the group lets go of the GIL first. DDP keeps
+    itself in a reference cycle, hence the collection; the frames of an error must have released it (see
+    moco.failures.exit_statuses)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:

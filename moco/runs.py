@@ -2,8 +2,12 @@
 
 - A run's own ``checkpoint_last`` wins over ``--resume``: a requeued job runs the same command line again, so a
   ``--resume`` in it applies to the first start only, and every later start continues the run's own progress.
+- A ``checkpoint_last`` that does not read (truncated, garbage) is passed over, with a warning, for the newest
+  readable earlier checkpoint of the same run that the trainer names (moco.train's numbered ones, demo.train's
+  ``checkpoint_best``); with none readable the run stops, naming the files tried: starting afresh would lose it.
 - Rank 0 alone looks at the files and decides; the other ranks receive its decision, or its refusal. They cannot
   start from different files because one looked while rank 0 was writing, or through a stale filesystem cache.
+  Rank 0's checkpoint saves go the same way, so that every rank learns of one that failed.
 - ``run_id``: drawn when a run starts afresh, kept by every resume. A run that starts from another one's checkpoint
   records that checkpoint's identity (run id and epoch), so it can tell later whether the file was replaced by
   another run since. Checkpoints without an id (older ones, facebookresearch/moco's) are known by a hash of their
@@ -14,18 +18,19 @@ from __future__ import annotations
 import hashlib
 import uuid
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .logger import get_logger
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
-# Refusals every rank repeats as they are: the entry points turn these into one "error: ..." line.
-_USER_ERRORS = {cls.__name__: cls for cls in (FileNotFoundError, ValueError)}
+# Errors every rank repeats as they are: the entry points turn each into one message and its exit status.
+_REPEATED_ERRORS = {cls.__name__: cls for cls in (FileNotFoundError, ValueError, checkpoint.WriteError)}
 
 
 def new_run_id() -> str:
@@ -57,20 +62,40 @@ def describe(record: dict) -> str:
     return f"run {record['run_id']} at epoch {record['epoch']}"
 
 
-def resume_file(own_last: Path, resume: str) -> Path | None:
+def first_readable(paths: Iterable[Path]) -> tuple[Path, list[str]]:
+    """The first of ``paths`` that reads as a checkpoint, and why each one before it did not; a ValueError naming
+    every file tried when none does."""
+    paths, unreadable = list(paths), []
+    for path in paths:
+        try:
+            checkpoint.load(path, mmap=True)  # the small entries only: cheap even for a large file
+        except (FileNotFoundError, RuntimeError) as exc:
+            unreadable.append(str(exc))
+            continue
+        return path, unreadable
+    raise ValueError(f"no readable checkpoint to continue from: {'; '.join(unreadable)}. Starting afresh would "
+                     f"lose the run: restore one of them, or move {paths[0].parent} aside to start over")
+
+
+def resume_file(own_last: Path, resume: str, fallbacks: Iterable[Path] = ()) -> Path | None:
     """The checkpoint a run continues: its own ``checkpoint_last`` when there is one, whatever ``--resume`` says,
-    else ``--resume``'s file, else None (a fresh start)."""
+    or, when that does not read, the first readable of ``fallbacks`` (earlier checkpoints of the run, newest
+    first); else ``--resume``'s file, else None (a fresh start)."""
     if own_last.is_file():
         if resume and Path(resume).resolve() != own_last.resolve():
             log.warning("--resume %s ignored: %s already has its own checkpoint %s, which this run continues",
                         resume, own_last.parent, own_last.name)
-        return own_last
+        chosen, unreadable = first_readable([own_last, *fallbacks])
+        if unreadable:
+            log.warning("%s; continuing from %s instead", "; ".join(unreadable), chosen)
+        return chosen
     return Path(resume) if resume else None
 
 
 def decided_by_rank0(decide: Callable[[], T], device: torch.device | None = None) -> T:
-    """``decide()`` runs on rank 0 only; every rank returns its value, or raises its error (FileNotFoundError and
-    ValueError as they are, anything else as a RuntimeError naming it), so no rank waits for one that gave up.
+    """``decide()`` runs on rank 0 only; every rank returns its value, or raises its error (FileNotFoundError,
+    ValueError and checkpoint.WriteError as they are, anything else as a RuntimeError naming it), so no rank waits
+    for one that gave up.
     The value must pickle. Without a process group this is just ``decide()``."""
     if not (dist.is_available() and dist.is_initialized()):
         return decide()
@@ -85,8 +110,8 @@ def decided_by_rank0(decide: Callable[[], T], device: torch.device | None = None
     if error is not None:
         raise error
     value, kind, message = outcome[0]
-    if kind in _USER_ERRORS:
-        raise _USER_ERRORS[kind](message)
+    if kind in _REPEATED_ERRORS:
+        raise _REPEATED_ERRORS[kind](message)
     if kind is not None:
         raise RuntimeError(f"rank 0 failed to decide: {kind}: {message}")
     return value

@@ -1,12 +1,14 @@
 """The staged fine-tuning and evaluation CLIs end to end on the tiny data (slow tier)."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from torchvision.models.detection import FasterRCNN
 
 from demo import evaluate as demo_evaluate
 from demo import train as demo_train
@@ -15,7 +17,7 @@ from demo.engine import predict
 from demo.model import DetectorConfig, build_detector
 from demo import coco_eval
 from demo import engine as demo_engine
-from moco import checkpoint, preemption
+from moco import checkpoint, failures, preemption
 from moco import train as moco_train
 
 pytestmark = pytest.mark.slow
@@ -117,6 +119,33 @@ def test_stopped_stage_resumes_from_the_step_it_reached(chain, tmp_path, monkeyp
     assert record["val"]["AP"] > 0.03
     # The epoch's record keeps its training statistics, also when only the validation was left to redo.
     assert math.isfinite(record["loss"]) and record["images_per_s"] > 0 and "loss_classifier" in record
+
+
+def test_a_non_finite_loss_stops_the_stage_before_applying_it(chain, tmp_path, monkeypatch):
+    run = tmp_path / "fpn"
+    for stage in ("r1", "r2"):
+        shutil.copytree(chain["run"] / stage, run / stage)
+    before = (run / "r2" / checkpoint.LAST).read_bytes()
+    forward, steps = FasterRCNN.forward, []
+
+    def diverging(self, images, targets=None):
+        out = forward(self, images, targets)
+        if self.training:
+            steps.append(1)
+            if len(steps) == 3:
+                out = {**out, "loss_box_reg": out["loss_box_reg"] * math.nan}
+        return out
+
+    monkeypatch.setattr(FasterRCNN, "forward", diverging)
+    with pytest.raises(SystemExit) as stopped:
+        demo_train.main(stage_args("r2", chain["root"], run, "--epochs", "10"))  # continues r2 from epoch 9
+    assert stopped.value.code == failures.EXIT_DIVERGED and len(steps) == 3
+    assert (run / "r2" / checkpoint.LAST).read_bytes() == before
+    loss = r"[\d.e+-]+"
+    assert re.search(rf"ERROR .*: non-finite loss at epoch 9 step 2: nan \(loss_classifier {loss}, loss_box_reg nan, "
+                     rf"loss_objectness {loss}, loss_rpn_box_reg {loss}\): the run stopped before applying it; "
+                     rf"checkpoint_last.pth.tar \(epoch 9\) is intact. Try a lower --lr \(exit status 70\)\n",
+                     (run / "r2" / "train.log").read_text())
 
 
 def _record_trained_batches(monkeypatch) -> list[list[int]]:

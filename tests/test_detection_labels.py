@@ -69,7 +69,8 @@ def test_course_images_must_be_numbered(tmp_path):
         (tmp_path / "training" / split_dir).mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "training/images/cat.JPEG")
     (tmp_path / "training/labels/cat.yml").write_text("bboxes: [[1, 1, 4, 4]]\nlabels: [dog]\n")
-    with pytest.raises(ValueError, match="image not named N.JPEG: 1 file\n.*cat.JPEG: course image ids are the numbers"):
+    with pytest.raises(ValueError,
+                       match="image not named N.JPEG: 1 file\n.*cat.JPEG: course image ids are the numbers"):
         course_split(tmp_path, "training")
 
 

@@ -148,7 +148,8 @@ def test_probe_scores_an_encoder_on_the_validation_crops(tmp_path):
     red, blue, green = (230, 20, 20), (20, 20, 230), (20, 230, 20)
     _course_split(tmp_path, "training", {1: scene(red, "dog"), 2: scene(blue, "zebra"), 3: scene(red, "dog")})
     # A class seen only in validation still gets a label (and cannot be voted for).
-    _course_split(tmp_path, "validation", {4: scene(blue, "zebra"), 5: scene(red, "dog"), 6: scene(green, "cup or mug")})
+    _course_split(tmp_path, "validation",
+                  {4: scene(blue, "zebra"), 5: scene(red, "dog"), 6: scene(green, "cup or mug")})
     probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1)
     assert probe.num_classes == 3 and tuple(probe.train_crops.shape) == (3, 3, 8, 8)
     assert probe.train_labels.tolist() == [1, 2, 1] and probe.val_labels.tolist() == [2, 1, 0]

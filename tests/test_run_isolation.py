@@ -198,6 +198,31 @@ def test_stage_resume_is_ignored_once_the_stage_has_its_own_checkpoint(chain, tm
     assert f"--resume {other} ignored: {run / 'r3'} already has its own checkpoint" in capsys.readouterr().out
 
 
+def test_stage_with_an_unreadable_last_checkpoint_continues_from_its_best(chain, capsys):
+    run, r1, _, r3 = chain
+    setup_logging()
+    best = r3.with_name(demo_train.BEST)
+    shutil.copy(r3, best)  # written at the same epoch as checkpoint_last, as after a best validation
+    r3.write_bytes(r3.read_bytes()[:200])  # truncated
+    args = _stage_args("r3", run, "--restart")
+    lock = DirectoryLock(run / "r3")
+    assert demo_train.claim_stage(args, run / "r3", lock) is None  # judged by its best: r2 is unchanged
+    lock.release()
+    source, how, upstream, run_id = demo_train.starting_point(args, run / "r3")
+    assert (source, how, run_id, upstream["run_id"]) == (best, "resume", "r3-first", "r2-first")
+    assert f"{r3}: not a readable checkpoint (" in capsys.readouterr().out
+    _stage(run, "r2", 27, 27, runs.identity(checkpoint.load(r1), r1), "r2-second")  # r2 was run again
+    with pytest.raises(ValueError, match=rf"^{best}: stage r3 was trained from r2 run r2-first at epoch 27, but "):
+        demo_train.starting_point(args, run / "r3")  # the lineage check holds for the file chosen
+    best.write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as refused:
+        demo_train.main(["--stage", "r3", "--dataset-root", "unused", "--output-dir", str(run)])
+    message = str(refused.value)
+    assert message.startswith(f"error: no readable checkpoint to continue from: {r3}: not a readable checkpoint (")
+    assert f"; {best}: not a readable checkpoint (" in message
+    assert message.endswith(f"restore one of them, or move {run / 'r3'} aside to start over")
+
+
 def test_stage_refuses_to_continue_on_a_previous_stage_run_again(chain):
     run, r1, r2, r3 = chain
     _stage(run, "r2", 27, 27, runs.identity(checkpoint.load(r1), r1), "r2-second")  # r2 was run again
@@ -280,7 +305,7 @@ def test_every_rank_starts_from_the_file_rank_0_chose(tmp_path, subprocess_env):
     views = [tmp_path / "rank0-view", tmp_path / "rank1-view"]
     for view in views:
         view.mkdir()
-    (views[0] / checkpoint.LAST).write_bytes(b"")
+    checkpoint.save_atomic({"epoch": 1}, views[0] / checkpoint.LAST)
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     with socket.socket() as s:

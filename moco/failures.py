@@ -1,0 +1,118 @@
+"""How a training run ends when it cannot go on, with an exit status for each way, shared by both trainers.
+
+Exit statuses of moco.train and demo.train (sysexits.h numbers):
+- 0: done, or nothing left to do.
+- 1: an error to fix before running again, said in one line ("error: ..."); or a bug, with its traceback.
+- 65 (EX_DATAERR), ``moco.unreadable.EXIT_DATAERR``: more training images could not be read than
+  --max-unreadable allows; stopped with a mid-epoch checkpoint, the files listed. Not requeued: the same files
+  would stop it again.
+- 70 (EX_SOFTWARE), ``EXIT_DIVERGED``: the loss was not finite on some rank. Every rank stops at that step, before
+  its backward pass, so no weight takes a NaN; nothing is saved after it. Not requeued by the Slurm scripts: the
+  same seeded run would diverge again at the same step.
+- 74 (EX_IOERR), ``EXIT_IOERR``: a checkpoint could not be written (a full disk, a quota); the previous one is
+  intact. Not requeued either: a requeue into a full disk would churn.
+- 75 (EX_TEMPFAIL), ``moco.preemption.EXIT_REQUEUE``: stopped by a signal with a checkpoint, to be requeued.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, preemption, unreadable
+from .images import UnreadableImage
+from .logger import get_logger
+from .workers import original_message
+
+log = get_logger(__name__)
+
+EXIT_DIVERGED = 70
+EXIT_IOERR = 74
+
+
+class NonFiniteLoss(Exception):
+    """Raised on every rank at the step where any rank's loss was not finite, before that step's backward."""
+
+
+def check_loss(loss: torch.Tensor, epoch: int, step: int, details: Callable[[], str]) -> None:
+    """Raise ``NonFiniteLoss`` on every rank, with the same message, when the loss of any rank is not finite.
+
+    Call it between the forward pass and ``backward``: DDP averages the gradients inside ``backward``, so a NaN on
+    one rank would reach every rank's weights. ``details()`` describes the loss (its components, the logits); it
+    is called only on the ranks whose loss is not finite. Cost: one read of a flag to the host a step, after an
+    all_reduce of one element under DDP (measured in moco.train: well under 1% of a step)."""
+    bad = ~torch.isfinite(loss.detach())
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        anywhere = bad.reshape(1).int()
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    else:
+        anywhere = bad
+    if not anywhere.item():
+        return
+    mine = None
+    if bad.item():
+        mine = f"{loss.item():.4g}{f' on rank {dist.get_rank()}' if distributed else ''} ({details()})"
+    reports = [mine]
+    if distributed:  # every rank raises the same message, naming the ranks that saw it
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)
+    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}: {'; '.join(filter(None, reports))}")
+
+
+def _kept(last: Path) -> str:
+    """What a stopped run leaves to continue from: its ``checkpoint_last``, untouched since the last good step."""
+    try:
+        ckpt = checkpoint.load(last, mmap=True)
+    except (FileNotFoundError, RuntimeError):
+        return "nothing was saved since it started"
+    step = f", step {ckpt['step']}" if ckpt.get("step") else ""
+    return f"{last.name} (epoch {ckpt.get('epoch')}{step}) is intact"
+
+
+def _ending(exc: BaseException, last: Path) -> SystemExit | None:
+    """The exit for ``exc``, its message logged; None for an error that keeps its traceback."""
+    if isinstance(exc, (FileNotFoundError, ValueError, UnreadableImage)):  # the user's to fix: no traceback
+        return SystemExit(f"error: {original_message(exc)}")
+    if isinstance(exc, unreadable.TooManyUnreadable):
+        return unreadable.exit_after(exc, not dist.is_initialized() or dist.get_rank() == 0)
+    if isinstance(exc, preemption.Preempted):
+        log.warning("%s: checkpoint saved, exiting with status %d to be requeued", exc, preemption.EXIT_REQUEUE)
+        return SystemExit(preemption.EXIT_REQUEUE)
+    if isinstance(exc, checkpoint.WriteError):
+        log.error("%s (exit status %d)", exc, EXIT_IOERR)
+        return SystemExit(EXIT_IOERR)
+    if isinstance(exc, NonFiniteLoss):
+        log.error("%s: the run stopped before applying it; %s. Try a lower --lr (exit status %d)", exc, _kept(last),
+                  EXIT_DIVERGED)
+        return SystemExit(EXIT_DIVERGED)
+    return None
+
+
+def _release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of the finished frames that ``exc`` and the errors behind it passed through."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+@contextlib.contextmanager
+def exit_statuses(last: Path) -> Iterator[None]:
+    """The trainers' errors as their exit statuses, each with one message; ``last``: the run's checkpoint_last.
+
+    Whatever the error, the frames it passed through let go of the training's objects, so that
+    ``moco.distributed.cleanup_distributed`` can free the DDP model before it leaves the process group."""
+    try:
+        yield
+    except BaseException as exc:
+        _release_frames(exc)
+        ending = _ending(exc, last)
+        if ending is None:
+            raise
+        raise ending from exc
