@@ -18,6 +18,11 @@ LAST = "checkpoint_last.pth.tar"
 _NUMBERED = re.compile(r"checkpoint_(\d+)\.pth\.tar")
 
 
+class UnreadableCheckpoint(ValueError):
+    """The file is not a checkpoint this project can read (truncated, foreign, not a dict). A ValueError: the entry
+    points report it in one line, as any problem for the user to fix."""
+
+
 class WriteError(OSError):
     """A checkpoint could not be written; the file at its path, if there is one, is the previous one, untouched."""
 
@@ -100,9 +105,9 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True,
                           mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises several unrelated types for truncated or foreign files
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
+        raise UnreadableCheckpoint(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
     return ckpt
 
 

@@ -68,7 +68,7 @@ def _kept(last: Path) -> str:
     """What a stopped run leaves to continue from: its ``checkpoint_last``, untouched since the last good step."""
     try:
         ckpt = checkpoint.load(last, mmap=True)
-    except (FileNotFoundError, RuntimeError):
+    except (FileNotFoundError, checkpoint.UnreadableCheckpoint):
         return "nothing was saved since it started"
     step = f", step {ckpt['step']}" if ckpt.get("step") else ""
     return f"{last.name} (epoch {ckpt.get('epoch')}{step}) is intact"

@@ -69,7 +69,7 @@ def first_readable(paths: Iterable[Path]) -> tuple[Path, list[str]]:
     for path in paths:
         try:
             checkpoint.load(path, mmap=True)  # the small entries only: cheap even for a large file
-        except (FileNotFoundError, RuntimeError) as exc:
+        except (FileNotFoundError, checkpoint.UnreadableCheckpoint) as exc:
             unreadable.append(str(exc))
             continue
         return path, unreadable
