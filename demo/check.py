@@ -37,7 +37,7 @@ from pathlib import Path
 from demo.datasets import DetectionSet, read_split
 from moco.data import find_unlabeled_images
 from moco.images import UnreadableImage, is_image, number_key, read_image
-from moco.labels import Problem, errors, summary
+from moco.labels import Problem, errors, plural, summary
 
 # How moco.images.read_image's notes begin -> their kind; any other note is "other image mode".
 _NOTE_KINDS = (
@@ -257,13 +257,12 @@ def report(found: Plan, problems: list[Problem], sets: list[tuple[str, Detection
     images = len(found.images)
     rate = images / max(elapsed, 1e-9)
     error_files = len({p.path for p in refused})
-    verdict = (f"{len(refused)} error{'s' * (len(refused) != 1)} in {error_files} file{'s' * (error_files != 1)}"
-               if refused else "no errors")
+    verdict = f"{plural(len(refused), 'error')} in {plural(error_files, 'file')}" if refused else "no errors"
     refused_set = set(refused)
     warnings = [p for p in problems if p not in refused_set]
     total = (f"checked {images} images ({len(found.unlabeled)} unlabeled, {len(found.labeled)} labeled in "
-             f"{len(sets)} split{'s' * (len(sets) != 1)}) in {elapsed:.1f} s, {rate:.0f} images/s with {workers} "
-             f"worker{'s' * (workers != 1)}: {verdict}, {len(warnings)} warning{'s' * (len(warnings) != 1)}")
+             f"{plural(len(sets), 'split')}) in {elapsed:.1f} s, {rate:.0f} images/s with {plural(workers, 'worker')}: "
+             f"{verdict}, {plural(len(warnings), 'warning')}")
     lines = ["inputs:", *(f"  {t}" for t in found.taken)]
     if not problems:
         lines.append("problems: none")

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moco.course import CLASSES, parse_label_file, scan_split
 from moco.images import UnreadableImage, image_size, load_rgb
-from moco.labels import Problem, errors, fit_boxes, is_box, summary
+from moco.labels import Problem, errors, fit_boxes, is_box, plural, summary
 from moco.logger import get_logger
 from moco.unreadable import first_readable
 
@@ -202,16 +202,15 @@ def _checked(dataset: DetectionSet, strict: bool) -> DetectionSet:
     """Refuse the split with every error listed at once (``strict``: the repairs too); else summarise the repairs."""
     refused = errors(dataset.problems, strict)
     if refused:
-        files = len({p.path for p in refused})
-        raise ValueError(f"{dataset.source}: {files} file{'s' * (files != 1)} with problems that training "
+        files = plural(len({p.path for p in refused}), "file")
+        raise ValueError(f"{dataset.source}: {files} with problems that training "
                          f"{'does not repair' if not strict else 'refuses under --strict-labels'}:\n"
                          f"{summary(refused)}\n(python -m demo.check checks a whole dataset in one pass)")
     if not dataset.samples:
         raise FileNotFoundError(f"{dataset.source}: no images")
-    repairs = [p for p in dataset.problems if p not in refused]
-    if repairs:
+    if dataset.problems:  # none refused: repairs and ignored files only
         log.warning("%s: label problems repaired (see 'Bad data' in the README; --strict-labels refuses them):\n%s",
-                    dataset.source, summary(repairs, limit=5))
+                    dataset.source, summary(dataset.problems, limit=5))
     return dataset
 
 

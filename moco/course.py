@@ -73,6 +73,8 @@ def scan_split(root: str | Path, split: str) -> tuple[list[tuple[Path, Path]], l
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: missing; expected <root>/{split}/images and <root>/{split}/labels")
     pairs, problems, owner = [], [], {}
+    # One listing instead of a stat per image: 30,000 stats are slow on a shared filesystem.
+    labels = {p.name: p for p in labels_dir.glob("*.yml")}
     # Ties on the number (7.JPEG, 07.JPEG) in a fixed order, the canonical name first.
     images = sorted((p for p in images_dir.iterdir() if is_image(p.name)), key=lambda p: (number_key(p), len(p.name),
                                                                                           p.name))
@@ -82,15 +84,16 @@ def scan_split(root: str | Path, split: str) -> tuple[list[tuple[Path, Path]], l
             problems.append(Problem(image, "image not named N.JPEG", "course image ids are the numbers in the names"))
         elif int(image.stem) in owner:
             problems.append(Problem(image, "duplicate image id", f"{int(image.stem)}, as {owner[int(image.stem)]}"))
-        elif not label.is_file():
+        elif label.name not in labels:
             problems.append(Problem(image, "image without label file", f"expected {label}"))
         else:
             owner[int(image.stem)] = image.name
             pairs.append((image, label))
-    paired = {label.name for _, label in pairs}
+    # A label whose image has a problem of its own above is not reported again.
+    accounted = {label.name for _, label in pairs} | {f"{p.path.stem}.yml" for p in problems}
     problems += [Problem(label, "label file without image (ignored)")
-                 for label in sorted(labels_dir.glob("*.yml"), key=number_key) if label.name not in paired
-                 and not any(p.path.stem == label.stem for p in problems)]
+                 for name, label in sorted(labels.items(), key=lambda item: number_key(item[1]))
+                 if name not in accounted]
     return pairs, problems
 
 

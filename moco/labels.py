@@ -103,7 +103,8 @@ def errors(problems: list[Problem], strict: bool = False) -> list[Problem]:
     return [p for p in problems if p.is_error or (strict and "(ignored)" not in p.kind and p.kind not in IMAGE_NOTES)]
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 file``, ``2 files``."""
     return f"{n} {word}{'s' * (n != 1)}"
 
 
@@ -117,7 +118,7 @@ def summary(problems: list[Problem], limit: int | None = None) -> str:
     for kind in sorted(by_kind, key=lambda k: (not KINDS[k], list(KINDS).index(k))):
         found = by_kind[kind]
         files = len({p.path for p in found})
-        count = _plural(files, "file") if files == len(found) else f"{len(found)} in {_plural(files, 'file')}"
+        count = plural(files, "file") if files == len(found) else f"{len(found)} in {plural(files, 'file')}"
         lines.append(f"  {kind}: {count}")
         shown = found if limit is None else found[:limit]
         lines += [f"    {p}" for p in shown]
