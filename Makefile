@@ -36,9 +36,9 @@ WORKERS ?= 1
 DEMO_PRETRAIN_FLAGS ?= -a resnet18 --image-size 64 --epochs 8 -b 64 --lr 0.03 --moco-k 4096 \
 	--moco-m 0.99 --mlp --moco-t 0.2 --aug-plus --cos --bn-splits 8 --save-freq 4 --probe-freq 4 -p 20
 
-# The demo's fine-tuning: the recipe's stages r1 -> r2 -> r3 at batch 4, shrunk to about 5 minutes: a ResNet-18
-# at 224 pixels, a 128-channel FPN, 64 RoIs an image, epochs 3 / 1 / 1. r1 uses lr 0.01, not the recipe's 0.03,
-# which diverges from this small backbone; r2 and r3 keep the recipe's 0.003 and 0.0003.
+# The demo's fine-tuning: the recipe's stages r1 -> r2 -> r3 at batch 4 under the default (moco) transfer protocol,
+# with its lrs 0.01 / 0.001 / 0.0001, shrunk to about 5 minutes: a ResNet-18 trained at short sides 160-224 and
+# evaluated at 224, a 128-channel FPN, 64 RoIs an image, epochs 3 / 1 / 1.
 DEMO_FINETUNE_FLAGS ?= --min-size 224 --max-size 320 --rois-per-image 64 --fpn-channels 128 -b 4 -p 50
 FPN_CHECKPOINT := $(RUN)/fpn/r3/checkpoint_last.pth.tar
 
@@ -78,7 +78,7 @@ pretrain: data ## MoCo v2 pretraining on the tiny dataset, into runs/demo/moco (
 		--workers $(WORKERS) $(DEMO_PRETRAIN_FLAGS)
 
 finetune: pretrain ## Faster R-CNN + FPN stages r1, r2, r3 on the tiny dataset, into runs/demo/fpn (resumes)
-	$(PY) -m demo.train --stage r1 --bp $(RUN)/moco/checkpoint_last.pth.tar --lr 0.01 --epochs 3 \
+	$(PY) -m demo.train --stage r1 --bp $(RUN)/moco/checkpoint_last.pth.tar --epochs 3 \
 		--dataset-root $(DATA)/labeled --output-dir $(RUN)/fpn --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
 	$(PY) -m demo.train --stage r2 --epochs 4 \
 		--dataset-root $(DATA)/labeled --output-dir $(RUN)/fpn --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)

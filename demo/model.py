@@ -2,8 +2,11 @@
 state dict, or random initialisation.
 
 RoIAlign pools from all four FPN levels (torchvision's ``MultiScaleRoIAlign`` over '0'..'3'). BatchNorm is
-``FrozenBatchNorm2d`` by default: a fixed affine map that ``model.train()`` cannot switch back to batch
-statistics. ``norm="sync"`` trains BatchNorm instead, synchronised over ranks as in MoCo's detection transfer.
+either ``FrozenBatchNorm2d`` (``norm="frozen"``, the original project's): a fixed affine map that ``model.train()``
+cannot switch back to batch statistics; or trained (``norm="sync"``), synchronised over ranks as in MoCo's detection
+transfer (the training script converts it to SyncBatchNorm on GPUs). With ``train_min_sizes`` each training image's
+short side is drawn from them (torchvision's ``GeneralizedRCNNTransform``); evaluation always uses ``min_size``.
+The dataclass defaults are the original's, which is what checkpoints that predate a field were trained with.
 Anchors and box arithmetic stay in fp32 under autocast (see ``demo.fp32_boxes``).
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ class DetectorConfig:
     trainable_layers: int = 3  # ResNet stages trained, counted from the top (0..5)
     norm: str = "frozen"
     min_size: int = 800  # images are resized so their short side is min_size, long side at most max_size
+    train_min_sizes: tuple[int, ...] = ()  # short sides drawn from in training; empty: min_size alone
     max_size: int = 1333
     rois_per_image: int = 512  # RoIs sampled per image for the box head's loss
     fpn_channels: int = 256  # FPN and RPN convs dominate the cost at small sizes: 128 is 2x faster on a CPU
@@ -55,6 +59,13 @@ class DetectorConfig:
         if self.norm == "sync" and self.trainable_layers < 5:
             # Frozen stages would still update BatchNorm statistics in train mode: the original's defect 3.
             raise ValueError("norm 'sync' trains BatchNorm statistics in every stage: use trainable_layers 5")
+        object.__setattr__(self, "train_min_sizes", tuple(int(s) for s in self.train_min_sizes))
+        if any(s < 1 for s in self.train_min_sizes):
+            raise ValueError(f"train_min_sizes {self.train_min_sizes}: sizes in pixels")
+
+    def sizes(self) -> tuple[int, ...]:
+        """torchvision's min_size: training draws from all, evaluation takes the last, which is min_size."""
+        return tuple(s for s in self.train_min_sizes if s != self.min_size) + (self.min_size,)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +80,7 @@ def build_detector(config: DetectorConfig) -> FasterRCNN:
         backbone.fpn = FeaturePyramidNetwork(in_channels, config.fpn_channels, extra_blocks=LastLevelMaxPool())
         backbone.out_channels = config.fpn_channels
     anchors = Float32AnchorGenerator()
-    return FasterRCNN(backbone, min_size=config.min_size, max_size=config.max_size,
+    return FasterRCNN(backbone, min_size=config.sizes(), max_size=config.max_size,
                       box_batch_size_per_image=config.rois_per_image, rpn_anchor_generator=anchors,
                       rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
                       box_predictor=Float32FastRCNNPredictor(BOX_HEAD_WIDTH, config.num_classes))

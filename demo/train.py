@@ -4,13 +4,20 @@
     python -m demo.train --stage r2 --dataset-root ROOT [flags]     # continues r1's final checkpoint
     python -m demo.train --stage r3 --dataset-root ROOT [flags]     # continues r2's
 
-Hyper-parameter contract (defaults reproduce the original at total batch 4, see demo/recipe.py):
-- r1: epochs 0..22, lr 0.03 with a linear warm-up over min(1000 iterations, one epoch); r2: to epoch 27, lr 0.003;
-  r3: to epoch 37, lr 0.0003. Constant lr within a stage. ``--epochs`` is the epoch a stage ends at, counted
-  from the start of r1. ``--lr`` overrides the stage lr, otherwise it scales linearly with ``--batch-size``.
+Hyper-parameter contract (defaults at total batch 4, see demo/recipe.py):
+- ``--protocol moco`` (default), MoCo's detection transfer: BatchNorm trained, as SyncBatchNorm across GPUs (each
+  process normalises with its own batch on CPUs); every ResNet stage trained; training short side drawn per image
+  from 0.6x to 1x ``--min-size`` in steps of 32 (``--train-sizes``), evaluation at ``--min-size``; r1 lr 0.01.
+  ``--protocol original``, the original project's: FrozenBatchNorm2d with the checkpoint's statistics, the top 3
+  stages trained, one size, r1 lr 0.03. ``--norm``, ``--trainable-layers`` and ``--train-sizes`` override single
+  parts. A run without ``--bp`` (random initialisation, the baseline) gets the same protocol. r2 and r3 keep the
+  protocol (and the whole model) of the checkpoint they continue.
+- r1: epochs 0..22 with a linear warm-up over min(1000 iterations, one epoch); r2: to epoch 27 at 1/10 of r1's lr;
+  r3: to epoch 37 at 1/100. Constant lr within a stage. ``--epochs`` is the epoch a stage ends at, counted from
+  the start of r1. ``--lr`` overrides the stage lr, otherwise it scales linearly with ``--batch-size``.
 - SGD, momentum 0.9, weight decay 1e-4; horizontal flips; batches grouped by aspect ratio.
 - ResNet body from ``--bp`` (MoCo checkpoint, facebookresearch/moco release, or torchvision state dict; its
-  architecture is read from the file), FrozenBatchNorm2d, the top 3 ResNet stages trained (``--trainable-layers``).
+  architecture is read from the file).
 
 Files, in ``<output-dir>/<stage>/``: ``checkpoint_last.pth.tar`` after every epoch, ``checkpoint_best.pth.tar``
 (highest validation AP), ``metrics.jsonl``, ``train.log``. A checkpoint holds everything evaluation needs
@@ -70,7 +77,8 @@ from . import coco_eval, lineage
 from .datasets import ReplacingUnreadable, collate, load_split
 from .engine import predict, train_one_epoch
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
-from .recipe import STAGES, scaled_lr, warmup_factor
+from .recipe import (DEFAULT_PROTOCOL, PROTOCOLS, STAGES, UNRECORDED_PROTOCOL, Protocol, multiscale_sizes, scaled_lr,
+                     warmup_factor)
 from .sampler import GroupedBatchSampler
 from .transforms import train_transforms
 
@@ -99,7 +107,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="when this stage's checkpoint was trained from an upstream that has changed since (the "
                         "previous stage run again; for r1 another --bp), move the stage directory aside to "
                         "<stage>.replaced-<time> and start afresh; an unchanged one continues")
-    p.add_argument("--lr", type=float, default=None, help="default: the stage's lr x batch-size / 4")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: the protocol's r1 lr (r2: 1/10 of it, r3: 1/100) x batch-size / 4")
     p.add_argument("-b", "--batch-size", type=int, default=4, help="total over all processes")
     p.add_argument("--epochs", type=int, default=None, help="epoch this stage ends at; default: the recipe's")
     p.add_argument("-j", "--workers", type=int, default=4, help="data-loading workers per process")
@@ -116,11 +125,19 @@ def get_parser() -> argparse.ArgumentParser:
     unreadable.add_argument(p)
     p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
     model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
+    model.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                       help=f"transfer protocol (see demo/recipe.py); r1's default: {DEFAULT_PROTOCOL}; r2 and r3: "
+                            f"the checkpoint's")
     model.add_argument("-a", "--arch", default=None, help="ResNet for random init; with --bp, read from the file")
-    model.add_argument("--trainable-layers", type=int, default=3, help="ResNet stages trained, from the top (0-5)")
-    model.add_argument("--norm", default="frozen", choices=NORMS,
-                       help="frozen: FrozenBatchNorm2d; sync: SyncBatchNorm across ranks (needs --trainable-layers 5)")
-    model.add_argument("--min-size", type=int, default=800, help="short image side after resizing")
+    model.add_argument("--trainable-layers", type=int, default=None,
+                       help="ResNet stages trained, from the top (0-5); default: the protocol's (moco 5, original 3)")
+    model.add_argument("--norm", default=None, choices=NORMS,
+                       help="frozen: FrozenBatchNorm2d; sync: BatchNorm trained, SyncBatchNorm across GPUs (needs "
+                            "--trainable-layers 5); default: the protocol's (moco sync, original frozen)")
+    model.add_argument("--min-size", type=int, default=800, help="short image side after resizing, in evaluation")
+    model.add_argument("--train-sizes", type=int, nargs="+", default=None, metavar="SIZE",
+                       help="short sides drawn from per training image; default: moco 0.6x to 1x --min-size in steps "
+                            "of 32, original --min-size alone")
     model.add_argument("--max-size", type=int, default=1333, help="long image side at most")
     model.add_argument("--rois-per-image", type=int, default=512, help="RoIs sampled per image for the box head")
     model.add_argument("--fpn-channels", type=int, default=256, help="FPN width; 128 halves the cost of tiny runs")
@@ -192,6 +209,28 @@ def starting_point(args: argparse.Namespace, stage_dir: Path) -> tuple[Path | No
     return path, "chain", runs.identity(ckpt, path), runs.new_run_id()
 
 
+def chosen_protocol(args: argparse.Namespace, ckpt: dict | None, source: Path | None) -> Protocol:
+    """r1 from a backbone: --protocol or the default. Any stage from a checkpoint: the checkpoint's."""
+    if ckpt is None:
+        return PROTOCOLS[args.protocol or DEFAULT_PROTOCOL]
+    recorded = ckpt.get("protocol", UNRECORDED_PROTOCOL)
+    if args.protocol and args.protocol != recorded:
+        raise ValueError(f"{source}: trained under --protocol {recorded}, which stage {args.stage} continues; "
+                         f"--protocol {args.protocol} applies where r1 starts from a backbone")
+    return PROTOCOLS[recorded]
+
+
+def detector_config(args: argparse.Namespace, protocol: Protocol, arch: str, num_classes: int) -> DetectorConfig:
+    """The protocol's network, with any part the flags set themselves."""
+    norm = args.norm or protocol.norm
+    trainable_layers = args.trainable_layers if args.trainable_layers is not None else (
+        5 if norm == "sync" else protocol.trainable_layers)
+    train_sizes = args.train_sizes or (multiscale_sizes(args.min_size) if protocol.multiscale else ())
+    return DetectorConfig(arch=arch, num_classes=num_classes, trainable_layers=trainable_layers, norm=norm,
+                          min_size=args.min_size, train_min_sizes=tuple(train_sizes), max_size=args.max_size,
+                          rois_per_image=args.rois_per_image, fpn_channels=args.fpn_channels)
+
+
 def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     stage = STAGES[args.stage]
     if args.batch_size % env.world_size:
@@ -211,13 +250,13 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     val_dtype = autocast_dtype(device, args.precision, inference=True)  # as demo.evaluate's: the same AP
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
 
+    protocol = chosen_protocol(args, ckpt, source)
     torch.manual_seed(args.seed)  # identical heads on every rank
     if ckpt is None:
         arch, weights = read_backbone(args.bp) if args.bp else (args.arch or "resnet50", None)
         if args.bp and args.arch and args.arch != arch:
             raise ValueError(f"{args.bp}: holds a {arch}, not the --arch {args.arch} asked for")
-        config = DetectorConfig(arch, train_set.num_classes, args.trainable_layers, args.norm, args.min_size,
-                                args.max_size, args.rois_per_image, args.fpn_channels)
+        config = detector_config(args, protocol, arch, train_set.num_classes)
         model = build_detector(config)
         if weights is not None:
             load_backbone(model, weights, args.bp)
@@ -241,7 +280,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    lr = args.lr if args.lr is not None else scaled_lr(stage, args.batch_size)
+    lr = args.lr if args.lr is not None else scaled_lr(protocol, stage, args.batch_size)
     warmup = min(stage.warmup_iters, len(loader))
 
     start_epoch, start_step, best_ap, last_val = 0, 0, -1.0, None
@@ -267,9 +306,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
     if end_epoch <= start_epoch and how != "resume":
         raise ValueError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
                          f"give a larger --epochs")
-    log.info("stage %s (%s%s): epochs %d..%d (from step %d), lr %.4g, batch %d on %d process(es) [%s], %s, "
-             "precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
-             end_epoch - 1, start_step, lr, args.batch_size, env.world_size, env.launcher, device,
+    log.info("stage %s (%s%s): epochs %d..%d (from step %d), protocol %s, lr %.4g, batch %d on %d process(es) [%s], "
+             "%s, precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
+             end_epoch - 1, start_step, protocol.name, lr, args.batch_size, env.world_size, env.launcher, device,
              amp_dtype or "fp32", val_dtype or "fp32")
     log.info("run id %s, started from %s%s", run_id, lineage.describe(upstream, stage.previous),
              f" ({upstream['path']})" if isinstance(upstream, dict) else "")
@@ -286,6 +325,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         return {
             "model": model.state_dict(),
             "model_config": config.to_dict(),
+            "protocol": protocol.name,
             "categories": [[k, v] for k, v in train_set.categories.items()],
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),

@@ -38,10 +38,10 @@ def metrics(path):
 
 @pytest.fixture(scope="module")
 def chain(tiny_data, tmp_path_factory):
-    """A tiny MoCo backbone, then r1 -> r2 -> r3 with the stages' default lrs, except r1's (batch 4 diverges at
-    the recipe's 0.03 on this set). The backbone's BatchNorm trains (--norm sync, a plain BatchNorm in one
-    process): statistics from 24 MoCo steps on 32-pixel crops do not fit 160-pixel scenes, and frozen they
-    start the heads at a loss of 60 that diverges, as in MoCo's own detection transfer."""
+    """A tiny MoCo backbone, then r1 -> r2 -> r3 with the default protocol and the stages' default lrs. The
+    protocol trains the backbone's BatchNorm (a plain BatchNorm in one process): statistics from 24 MoCo steps on
+    32-pixel crops do not fit 160-pixel scenes, and frozen (--protocol original) they start the heads at a loss of
+    60 that diverges, as in MoCo's own detection transfer."""
     work = tmp_path_factory.mktemp("chain")
     moco_train.main([str(tiny_data / "train"), "--output-dir", str(work / "moco"), "-a", "resnet18",
                      "--image-size", "32", "--epochs", "3", "-b", "32", "--moco-k", "256", "--mlp", "--aug-plus",
@@ -49,8 +49,7 @@ def chain(tiny_data, tmp_path_factory):
     bp = work / "moco" / checkpoint.LAST
     root, run = tiny_data / "labeled", work / "fpn"
     records = {
-        "r1": demo_train.main(stage_args("r1", root, run, "--bp", str(bp), "--lr", "0.01", "--epochs", "8",
-                                         "--norm", "sync", "--trainable-layers", "5")),
+        "r1": demo_train.main(stage_args("r1", root, run, "--bp", str(bp), "--epochs", "8")),
         "r2": demo_train.main(stage_args("r2", root, run, "--epochs", "9")),
         "r3": demo_train.main(stage_args("r3", root, run, "--epochs", "10")),
     }
@@ -61,13 +60,15 @@ def test_stages_chain_with_their_own_lr(chain):
     run = chain["run"]
     r1, r2, r3 = (metrics(run / s / "metrics.jsonl") for s in ("r1", "r2", "r3"))
     assert [m["epoch"] for m in r1] == list(range(1, 9))
-    assert [m["epoch"] for m in r2] == [9] and r2[0]["lr"] == pytest.approx(0.003)  # recipe lr at batch 4
-    assert [m["epoch"] for m in r3] == [10] and r3[0]["lr"] == pytest.approx(0.0003)
+    assert [m["epoch"] for m in r2] == [9] and r2[0]["lr"] == pytest.approx(0.001)  # protocol lr at batch 4
+    assert [m["epoch"] for m in r3] == [10] and r3[0]["lr"] == pytest.approx(0.0001)
     assert r1[0]["lr"] < 0.01 and r1[1]["lr"] == pytest.approx(0.01)  # r1 warms up over its first epoch
     for stage in ("r1", "r2", "r3"):
         ckpt = checkpoint.load(run / stage / checkpoint.LAST)
         assert ckpt["stage"] == stage and ckpt["epoch"] == ckpt["stage_end"] == STAGE_ENDS[stage]
         assert {"model", "model_config", "categories", "optimizer", "lr_scheduler", "scaler", "args"} <= set(ckpt)
+        assert ckpt["protocol"] == "moco" and ckpt["model_config"]["norm"] == "sync"
+        assert ckpt["model_config"]["train_min_sizes"] == (96, 128, 160)
         assert (run / stage / demo_train.BEST).is_file()
 
 
@@ -269,5 +270,5 @@ def test_two_process_training_under_torchrun(chain, tmp_path, subprocess_env):
                     *stage_args("r2", chain["root"], run, "--epochs", "9")], check=True, env=subprocess_env,
                    timeout=600)
     record = metrics(run / "r2" / "metrics.jsonl")[-1]
-    assert record["epoch"] == 9 and record["lr"] == pytest.approx(0.003)
+    assert record["epoch"] == 9 and record["lr"] == pytest.approx(0.001)
     assert "on 2 process(es) [torchrun]" in (run / "r2" / "train.log").read_text()

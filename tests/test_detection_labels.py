@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from demo.datasets import course_split, load_split
-from demo.recipe import STAGES, scaled_lr, warmup_factor
+from demo.recipe import PROTOCOLS, STAGES, multiscale_sizes, scaled_lr, warmup_factor
 from demo.sampler import GroupedBatchSampler
 from demo.transforms import train_transforms
 
@@ -112,13 +112,46 @@ def test_sampler_pads_shards_and_refuses_too_few_images():
 
 
 def test_recipe_lr_scales_linearly_with_the_total_batch():
-    assert (STAGES["r1"].lr, STAGES["r2"].lr, STAGES["r3"].lr) == (0.03, 0.003, 0.0003)
-    assert scaled_lr(STAGES["r1"], 4) == pytest.approx(0.03)
-    assert scaled_lr(STAGES["r1"], 16) == pytest.approx(0.12)
-    assert scaled_lr(STAGES["r2"], 2) == pytest.approx(0.0015)
-    assert scaled_lr(STAGES["r3"], 8) == pytest.approx(0.0006)
+    original, moco = PROTOCOLS["original"], PROTOCOLS["moco"]
+    assert [scaled_lr(original, STAGES[s], 4) for s in ("r1", "r2", "r3")] == pytest.approx([0.03, 0.003, 0.0003])
+    assert [scaled_lr(moco, STAGES[s], 4) for s in ("r1", "r2", "r3")] == pytest.approx([0.01, 0.001, 0.0001])
+    assert scaled_lr(original, STAGES["r1"], 16) == pytest.approx(0.12)
+    assert scaled_lr(original, STAGES["r2"], 2) == pytest.approx(0.0015)
+    assert scaled_lr(moco, STAGES["r3"], 8) == pytest.approx(0.0002)
     assert [STAGES[s].end_epoch for s in ("r1", "r2", "r3")] == [23, 27, 37]
     assert [STAGES[s].previous for s in ("r1", "r2", "r3")] == [None, "r1", "r2"]
+
+
+def test_protocols_moco_trains_every_normalised_stage_at_many_sizes_and_original_does_not():
+    moco, original = PROTOCOLS["moco"], PROTOCOLS["original"]
+    assert (moco.norm, moco.trainable_layers, moco.multiscale) == ("sync", 5, True)
+    assert (original.norm, original.trainable_layers, original.multiscale) == ("frozen", 3, False)
+    assert multiscale_sizes(800) == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)  # MoCo's configs
+    assert multiscale_sizes(224) == (160, 192, 224)
+    assert multiscale_sizes(50) == (50,)
+
+
+def test_r1_takes_the_protocol_asked_for_and_later_stages_keep_their_checkpoints():
+    from demo import train as demo_train
+
+    def args(*flags):
+        return demo_train.get_parser().parse_args(["--stage", "r1", "--dataset-root", "x", "--min-size", "224",
+                                                   *flags])
+
+    def config(*flags):
+        parsed = args(*flags)
+        return demo_train.detector_config(parsed, demo_train.chosen_protocol(parsed, None, None), "resnet18", 11)
+
+    assert (config().norm, config().trainable_layers, config().train_min_sizes) == ("sync", 5, (160, 192, 224))
+    original = config("--protocol", "original")
+    assert (original.norm, original.trainable_layers, original.train_min_sizes) == ("frozen", 3, ())
+    assert config("--protocol", "original", "--norm", "sync").trainable_layers == 5  # sync needs every stage
+    assert config("--train-sizes", "200", "224").train_min_sizes == (200, 224)
+    assert config("--norm", "frozen").trainable_layers == 5
+    assert demo_train.chosen_protocol(args(), {"protocol": "original"}, "r1.pth").name == "original"
+    assert demo_train.chosen_protocol(args(), {}, "old.pth").name == "original"  # before protocols: the original's
+    with pytest.raises(ValueError, match="r1.pth: trained under --protocol original, which stage r1 continues"):
+        demo_train.chosen_protocol(args("--protocol", "moco"), {"protocol": "original"}, "r1.pth")
 
 
 def test_warmup_rises_linearly_from_a_thousandth_to_one():

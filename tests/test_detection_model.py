@@ -122,3 +122,18 @@ def test_detector_checkpoint_refuses_other_classes():
     assert rebuilt == config
     with pytest.raises(ValueError, match=r"ft\.pth: trained on 2 classes that differ from the dataset's 2"):
         detector_from_checkpoint(ckpt, "ft.pth", {1: "cup or mug", 2: "zebra"})
+
+
+def test_multiscale_training_draws_short_sides_and_evaluation_keeps_min_size():
+    config = DetectorConfig(num_classes=3, **{**TINY, "train_min_sizes": [40, 48]})
+    assert config.train_min_sizes == (40, 48) and DetectorConfig(**config.to_dict()) == config
+    model = build_detector(config)
+    image = torch.rand(3, 100, 150)
+    torch.manual_seed(0)
+    model.train()
+    trained = {tuple(model.transform([image])[0].image_sizes[0]) for _ in range(40)}
+    assert {min(s) for s in trained} == {40, 48, 64}  # the test size is drawn too
+    model.eval()
+    assert {tuple(model.transform([image])[0].image_sizes[0]) for _ in range(5)} == {(64, 96)}
+    single = build_detector(DetectorConfig(num_classes=3, **TINY)).train()
+    assert {tuple(single.transform([image])[0].image_sizes[0]) for _ in range(5)} == {(64, 96)}
