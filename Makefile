@@ -48,7 +48,8 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data check-data pretrain finetune evaluate demo test test-fast mutate clean slurm-up slurm-down pipeline
+.PHONY: help venv doctor data check-data pretrain finetune compare evaluate demo test test-fast mutate clean
+.PHONY: slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -84,6 +85,14 @@ finetune: pretrain ## Faster R-CNN + FPN stages r1, r2, r3 on the tiny dataset, 
 		--dataset-root $(DATA)/labeled --output-dir $(RUN)/fpn --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
 	$(PY) -m demo.train --stage r3 --epochs 5 \
 		--dataset-root $(DATA)/labeled --output-dir $(RUN)/fpn --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
+
+# `make compare`: the demo's fine-tuning from the demo's MoCo backbone and from random backbones, seeds 0 1 2.
+COMPARE ?= runs/compare
+COMPARE_SEEDS ?= 0 1 2
+
+compare: pretrain ## MoCo vs random initialisation: the demo's fine-tuning over 3 seeds each, mean ± std of AP, kNN
+	$(PY) -m demo.compare --bp $(RUN)/moco/checkpoint_last.pth.tar --dataset-root $(DATA)/labeled \
+		--output-dir $(COMPARE) --seeds $(COMPARE_SEEDS) --epochs 3 4 5 -- --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
 
 evaluate: $(STAMP) ## COCO AP/AR of the fine-tuned demo detector on the validation split
 	$(PY) -m demo.evaluate --checkpoint-path $(FPN_CHECKPOINT) --dataset-root $(DATA)/labeled \
