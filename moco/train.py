@@ -95,6 +95,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", action="store_true", help="2-layer MLP head (MoCo v2)")
     p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation, with blur")
     p.add_argument("--cos", action="store_true", help="cosine learning-rate schedule")
+    p.add_argument("--warmup-epochs", default=0, type=int,
+                   help="lr rises linearly, step by step, from 0 to the schedule's over these first epochs")
     # Added by this project.
     p.add_argument("--output-dir", default="runs/moco", help="checkpoints, log and metrics.jsonl go here")
     p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
@@ -153,10 +155,16 @@ def check_recipe(ckpt: dict, path: Path, args: argparse.Namespace) -> None:
                          f"--output-dir")
 
 
-def learning_rate(epoch: int, args: argparse.Namespace) -> float:
+def learning_rate(epoch: int, args: argparse.Namespace, progress: float = 0.0) -> float:
+    """The lr of a step ``progress`` (0..1) of the way through ``epoch``: the schedule of the epoch, scaled down
+    during the warm-up."""
     if args.cos:
-        return args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+    if epoch < args.warmup_epochs:
+        lr *= (epoch + progress) / args.warmup_epochs
+    return lr
 
 
 def state_dict_with_prefix(model: nn.Module) -> dict:
@@ -185,6 +193,9 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
     for step, ((im_q, im_k), failed, errors) in enumerate(loader, first_step):
         if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
+        if epoch < args.warmup_epochs:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch, args, (step + 1) / steps)
         unreadable_files.update(step, failed.tolist(), errors)
         im_q, im_k = normalize(im_q), normalize(im_k)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -343,7 +354,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         sampler.set_epoch(epoch, skip=first_step * per_rank_batch)
         if not first_step:  # else the generator state came with the checkpoint
             model.shuffle_generator.manual_seed(args.seed * 100_003 + epoch)
-        lr = learning_rate(epoch, args)
+        lr = learning_rate(epoch, args, (first_step + 1) / (first_step + len(loader)))  # its first step's
         for group in optimizer.param_groups:
             group["lr"] = lr
         try:

@@ -67,6 +67,10 @@ def test_learning_rate_schedules():
     args.cos = True
     assert [learning_rate(e, args) for e in (0, 5)] == pytest.approx([0.1, 0.05])
     assert learning_rate(9, args) < 0.003
+    args.warmup_epochs = 2  # linear from 0 over two epochs, under the cosine
+    assert [learning_rate(0, args, p) for p in (0.25, 1.0)] == pytest.approx([0.0125, 0.05])
+    assert learning_rate(1, args, 0.5) == pytest.approx(0.75 * 0.05 * (1 + math.cos(math.pi / 10)))
+    assert learning_rate(2, args, 0.5) == learning_rate(2, args)
 
 
 @pytest.mark.slow
