@@ -33,6 +33,7 @@ log = get_logger("demo.compare")
 
 INITS = ("moco", "random")
 METRICS = ("AP", "AP50", "AP75")
+KNN = ("knn_top1", "knn_top1_own_bn")  # moco.probe: BatchNorm recalibrated on the probe's crops, and as held
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -90,22 +91,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(scores: dict[str, list[dict]], knn: dict[str, list[float]]) -> dict:
-    summary = {}
-    for init in INITS:
-        summary[init] = {m: mean_std([s[m] for s in scores[init]]) for m in METRICS}
-        summary[init]["knn_top1"] = mean_std(knn[init])
-    summary["difference"] = {m: summary["moco"][m][0] - summary["random"][m][0] for m in (*METRICS, "knn_top1")}
+def summarise(scores: dict[str, list[dict]], knn: dict[str, list[dict]]) -> dict:
+    """Mean and sample std per init of the runs' scores and the backbones' kNN; the difference of the means."""
+    summary = {init: {m: mean_std([r[m] for r in scores[init] + knn[init] if m in r]) for m in (*METRICS, *KNN)}
+               for init in INITS}
+    summary["difference"] = {m: summary["moco"][m][0] - summary["random"][m][0] for m in (*METRICS, *KNN)}
     return summary
 
 
 def table(summary: dict, seeds: list[int]) -> str:
-    lines = [f"{'init':<8}" + "".join(f"{m:>18}" for m in (*METRICS, "kNN top-1")) + f"   seeds {seeds}"]
+    columns = (*METRICS, *KNN)
+    lines = [f"{'init':<8}" + "".join(f"{m:>18}" for m in columns) + f"   seeds {seeds}"]
     for init in INITS:
-        cells = [summary[init][m] for m in (*METRICS, "knn_top1")]
-        lines.append(f"{init:<8}" + "".join(f"{mean:>11.3f} ± {std:.3f}" for mean, std in cells))
-    diff = summary["difference"]
-    lines.append(f"{'moco-rnd':<8}" + "".join(f"{diff[m]:>+18.3f}" for m in (*METRICS, "knn_top1")))
+        lines.append(f"{init:<8}" + "".join(f"{mean:>11.3f} ± {std:.3f}" for mean, std in
+                                            (summary[init][m] for m in columns)))
+    lines.append(f"{'moco-rnd':<8}" + "".join(f"{summary['difference'][m]:>+18.3f}" for m in columns))
     return "\n".join(lines)
 
 

@@ -3,6 +3,12 @@
 Ground-truth boxes of the labeled split are cropped and resized to squares. Backbone features of the
 training crops form the memory bank; each validation crop takes the similarity-weighted vote of its
 k nearest training crops (cosine similarity, weights exp(s / T), as in Wu et al. 2018). Reports top-1.
+
+Twice: ``knn_top1`` with every BatchNorm's statistics re-estimated on the probe's training crops (precise BN:
+the average over batches of their statistics), and ``knn_top1_own_bn`` with the statistics the backbone holds.
+The first compares backbones under the same normalisation: a random network's running statistics are the
+identity, which no network that has seen data keeps, and a pretrained one's come from pretraining crops, not
+object crops; fine-tuning with trained BatchNorm re-estimates them too.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .augment import Normalize
+from .batchnorm import SplitBatchNorm2d
 from .course import list_split, read_label_file
 from .images import load_rgb
 from .labels import fit_boxes
@@ -72,6 +79,20 @@ def backbone_of(encoder: nn.Module) -> nn.Module:
     return backbone.eval()
 
 
+def recalibrated(backbone: nn.Module, crops: torch.Tensor, device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``backbone`` whose BatchNorm statistics are the average of those of ``crops``' batches."""
+    backbone = copy.deepcopy(backbone)
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average
+            if isinstance(module, SplitBatchNorm2d):
+                module.num_splits = 1
+    extract_features(backbone.train(), crops, device, amp_dtype=amp_dtype)
+    return backbone.eval()
+
+
 class KnnProbe:
     """Loads the crops once; each call scores a ResNet encoder (its head is ignored)."""
 
@@ -86,8 +107,13 @@ class KnnProbe:
         self.val_labels = torch.tensor([index[n] for n in val_names], device=device)
         self.num_classes = len(classes)
 
-    def __call__(self, encoder: nn.Module) -> float:
-        backbone = backbone_of(encoder)
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        """Top-1 of the encoder's backbone, as ``knn_top1`` (recalibrated BatchNorm) and ``knn_top1_own_bn``."""
+        own = backbone_of(encoder)
+        return {"knn_top1": self.score(recalibrated(own, self.train_crops, self.device, self.amp_dtype)),
+                "knn_top1_own_bn": self.score(own)}
+
+    def score(self, backbone: nn.Module) -> float:
         train = extract_features(backbone, self.train_crops, self.device, amp_dtype=self.amp_dtype)
         val = extract_features(backbone, self.val_crops, self.device, amp_dtype=self.amp_dtype)
         return knn_top1(train, self.train_labels, val, self.val_labels, k=self.k)

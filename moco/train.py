@@ -321,9 +321,10 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         log.info("kNN probe: %d training crops, %d validation crops, %d classes", len(probe.train_labels),
                  len(probe.val_labels), probe.num_classes)
         if start_epoch == 0:
-            top1 = probe(model.encoder_q)
-            log.info("kNN top-1 at initialisation: %.2f%%", 100 * top1)
-            append_metrics(output_dir / "metrics.jsonl", {"epoch": 0, "knn_top1": top1})
+            knn = probe(model.encoder_q)
+            log.info("kNN top-1 at initialisation: %.2f%% (own BatchNorm statistics: %.2f%%)",
+                     100 * knn["knn_top1"], 100 * knn["knn_top1_own_bn"])
+            append_metrics(output_dir / "metrics.jsonl", {"epoch": 0, **knn})
 
     def state(epochs_done: int, step: int = 0) -> dict:
         return {
@@ -368,13 +369,14 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
         done = epoch + 1
         record = {"epoch": done, "lr": lr, **stats, "key_spread": key_spread(model.queue)}
         if probe is not None and (done % args.probe_freq == 0 or done == args.epochs):
-            record["knn_top1"] = probe(model.encoder_q)
+            record.update(probe(model.encoder_q))
         # Rank 0 saves; the others wait for its outcome and stop with it when the save failed (at a barrier they
         # would wait out the collective timeout).
         runs.decided_by_rank0(lambda: save_epoch(done, record), device)
         log.info("epoch %d/%d done: lr %.4g loss %.4f acc@1 %.1f%% key spread %.2f %.1f img/s%s", done, args.epochs,
                  lr, record["loss"], record["acc1"], record["key_spread"], record["images_per_s"],
-                 f" kNN top-1 {100 * record['knn_top1']:.2f}%" if "knn_top1" in record else "")
+                 f" kNN top-1 {100 * record['knn_top1']:.2f}% (own BN {100 * record['knn_top1_own_bn']:.2f}%)"
+                 if "knn_top1" in record else "")
     return model
 
 

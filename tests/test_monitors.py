@@ -153,10 +153,28 @@ def test_probe_scores_an_encoder_on_the_validation_crops(tmp_path):
     probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1)
     assert probe.num_classes == 3 and tuple(probe.train_crops.shape) == (3, 3, 8, 8)
     assert probe.train_labels.tolist() == [1, 2, 1] and probe.val_labels.tolist() == [2, 1, 0]
-    assert probe(_MeanColour()) == pytest.approx(2 / 3)
+    assert probe(_MeanColour()) == pytest.approx({"knn_top1": 2 / 3, "knn_top1_own_bn": 2 / 3})  # no BatchNorm
     fewer = KnnProbe(tmp_path, 8, torch.device("cpu"), k=1, max_images=2)
     # Images 1, 2 and 4, 5: "cup or mug" (image 6) is not loaded, so dog and zebra are labels 0 and 1.
     assert fewer.train_labels.tolist() == [0, 1] and fewer.val_labels.tolist() == [1, 0]
+
+
+def test_recalibration_gives_batchnorm_the_statistics_of_the_crops_and_leaves_the_backbone_alone():
+    from moco.batchnorm import SplitBatchNorm2d
+    from moco.probe import recalibrated
+
+    backbone = nn.Sequential(SplitBatchNorm2d(3, num_splits=4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    crops = torch.randint(0, 256, (6, 3, 5, 5), dtype=torch.uint8)
+    probe_ready = recalibrated(backbone, crops, torch.device("cpu"))  # batches of 6: no 4 sub-batches
+    normalised = (crops.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(3, 1, 1)
+    norm = probe_ready[0]
+    assert not probe_ready.training and norm.num_splits == 1
+    assert torch.allclose(norm.running_mean, normalised.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, normalised.var(dim=(0, 2, 3)), atol=1e-4)  # unbiased, as BatchNorm
+    assert torch.equal(backbone[0].running_mean, torch.zeros(3)) and backbone[0].num_splits == 4
+    two_batches = recalibrated(backbone, crops.repeat(2, 1, 1, 1), torch.device("cpu"))
+    assert torch.allclose(two_batches[0].running_mean, norm.running_mean, atol=1e-5)
 
 
 def test_device_normalisation_moves_the_batch_to_its_device_and_saves_nothing():
@@ -187,8 +205,9 @@ def test_probe_passes_its_k_and_precision_on(tmp_path, monkeypatch):
     monkeypatch.setattr(probe_module, "extract_features", spy_extract)
     monkeypatch.setattr(probe_module, "knn_top1", spy_vote)
     probe = KnnProbe(tmp_path, 8, torch.device("cpu"), k=7, amp_dtype=torch.bfloat16)
-    assert probe(_MeanColour()) == 1.0
-    assert seen == {"amp": [torch.bfloat16, torch.bfloat16], "k": [7]}
+    assert probe(_MeanColour()) == {"knn_top1": 1.0, "knn_top1_own_bn": 1.0}
+    # recalibration, then training and validation crops for each of the two scores
+    assert seen == {"amp": [torch.bfloat16] * 5, "k": [7, 7]}
 
 
 def _conv_backbone() -> nn.Module:
