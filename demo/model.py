@@ -46,10 +46,10 @@ class DetectorConfig:
     trainable_layers: int = 3  # ResNet stages trained, counted from the top (0..5)
     norm: str = "frozen"
     min_size: int = 800  # images are resized so their short side is min_size, long side at most max_size
-    train_min_sizes: tuple[int, ...] = ()  # short sides drawn from in training; empty: min_size alone
     max_size: int = 1333
     rois_per_image: int = 512  # RoIs sampled per image for the box head's loss
     fpn_channels: int = 256  # FPN and RPN convs dominate the cost at small sizes: 128 is 2x faster on a CPU
+    train_min_sizes: tuple[int, ...] = ()  # short sides drawn from in training; empty: min_size alone
 
     def __post_init__(self):
         if self.norm not in NORMS:
