@@ -94,6 +94,8 @@ def test_probe_logged_at_initialisation_and_every_n_epochs(trained):
     probes = {m["epoch"]: m["knn_top1"] for m in _metrics(trained) if "knn_top1" in m}
     assert sorted(probes) == [0, 4, 8]
     assert all(0.0 <= v <= 1.0 for v in probes.values())
+    own = {m["epoch"]: m["knn_top1_own_bn"] for m in _metrics(trained) if "knn_top1" in m}
+    assert sorted(own) == [0, 4, 8] and all(0.0 <= v <= 1.0 for v in own.values())
 
 
 @pytest.mark.slow
