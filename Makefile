@@ -93,7 +93,7 @@ finetune: pretrain ## Faster R-CNN + FPN stages r1, r2, r3 on the tiny dataset, 
 COMPARE ?= runs/compare
 COMPARE_SEEDS ?= 0 1 2
 
-compare: pretrain ## MoCo vs random initialisation: the demo's fine-tuning over 3 seeds each, mean ± std of AP, kNN
+compare: pretrain ## MoCo vs random init: the demo's fine-tuning, 3 seeds each, mean ± std of AP, kNN (~1.5 h)
 	$(PY) -m demo.compare --bp $(RUN)/moco/checkpoint_last.pth.tar --dataset-root $(DATA)/labeled \
 		--output-dir $(COMPARE) --seeds $(COMPARE_SEEDS) --epochs 3 4 5 -- --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
 
