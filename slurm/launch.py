@@ -64,8 +64,8 @@ class Stage:
 
 
 def _finetune(stage: str, epochs: int) -> Stage:
-    # r1 starts from the backbone under a protocol; r2 and r3 keep the protocol of the checkpoint they continue
-    backbone = {"BACKBONE": "{RUN_DIR}/moco/checkpoint_last.pth.tar", "PROTOCOL": "moco"} if stage == "r1" else {}
+    # r1 starts from the backbone under a protocol (empty: demo.train's default); r2 and r3 keep their checkpoint's
+    backbone = {"BACKBONE": "{RUN_DIR}/moco/checkpoint_last.pth.tar", "PROTOCOL": ""} if stage == "r1" else {}
     return Stage(
         f"demo_mocov2_fpn_{stage}", "demo.train", stage.upper(), "FPN", "FINETUNE_PARTITION", 2, 24, 900,
         ("LABELED_SQSH", "LABELED_ROOT"),
@@ -73,7 +73,7 @@ def _finetune(stage: str, epochs: int) -> Stage:
          "CHECK_DATA": "0"},
         lambda v: ["--stage", stage, *(["--bp", v["BACKBONE"]] if backbone else []), "--dataset-root",
                    v["LABELED_ROOT"], "--output-dir", f"{v['RUN_DIR']}/fpn", "--epochs", v["EPOCHS"],
-                   "-b", v["BATCH_SIZE"], *(["--protocol", v["PROTOCOL"]] if backbone else []),
+                   "-b", v["BATCH_SIZE"], *(["--protocol", v["PROTOCOL"]] if v.get("PROTOCOL") else []),
                    *(["--lr", v["LR"]] if v["LR"] else []), "-j", v["WORKERS"],
                    *v["EXTRA_ARGS"].split()])  # split(): bash's word splitting of the unquoted $EXTRA_ARGS
 

@@ -62,7 +62,7 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
            "RUN_DIR": str(tmp_path / "run dir"),
            "SLURM_SUBMIT_DIR": str(ROOT / "slurm"), "SLURM_JOB_ID": "7", "SRUN_RECORD": str(tmp_path / "argv"),
            "R1_EPOCHS": "2", "FPN_LR": "0.01", "R3_LR": "", "FPN_EXTRA_ARGS": "--min-size 160  -p 0",
-           "ALL_WORKERS": "3",
+           "ALL_WORKERS": "3", "FPN_PROTOCOL": "original",  # r1 passes it on; r2 and r3 keep r1's
            # Leftovers of a user's shell, none of them the jobs': they change nothing.
            "EPOCHS": "1", "ARCH": "resnet18", "PYTHON": "/usr/bin/false", "REPO": "/nonexistent"}
     _set_environ(monkeypatch, env)
@@ -79,8 +79,11 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
         if stage.script == "moco_v2":
             assert recorded[recorded.index("--epochs") + 1] == "100"
             assert recorded[recorded.index("-a") + 1] == "resnet50"
+        if stage.script == "demo_mocov2_fpn_r1":
+            assert recorded[recorded.index("--protocol") + 1] == "original"
         if stage.script == "demo_mocov2_fpn_r2":
             assert recorded[recorded.index("--epochs") + 1] == "27"
+            assert "--protocol" not in recorded
 
 
 def test_check_data_knob_runs_common_shs_check_before_the_tasks(tmp_path):
