@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from moco.batchnorm import SplitBatchNorm2d, convert_split_batchnorm
@@ -83,3 +84,45 @@ def test_conversion_keeps_eps_momentum_affine_and_device():
     assert model[1].affine is False and model[1].weight is None
     on_meta = convert_split_batchnorm(nn.Sequential(nn.BatchNorm2d(3)).to("meta"), 2)  # meta stands in for a GPU
     assert isinstance(on_meta[0], SplitBatchNorm2d) and on_meta[0].weight.device.type == "meta"
+
+
+def _per_sub_batch(bn: nn.BatchNorm2d, x: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, ...]:
+    """The definition: F.batch_norm on each sub-batch alone, running statistics averaged over the sub-batches."""
+    outputs, means, variances = [], [], []
+    for chunk in x.chunk(num_splits):
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        outputs.append(F.batch_norm(chunk, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
+        means.append(mean)
+        variances.append(var)
+    return torch.cat(outputs), torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_call_equals_a_loop_over_sub_batches(affine, channels_last):
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(5, num_splits=4, affine=affine, momentum=0.3)
+    if affine:
+        nn.init.normal_(bn.weight)
+        nn.init.normal_(bn.bias)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    reference = nn.BatchNorm2d(5, affine=affine, momentum=0.3)
+    reference.load_state_dict(bn.state_dict())
+    x = torch.randn(12, 5, 6, 7) * torch.linspace(0.5, 3, 12).view(12, 1, 1, 1)  # sub-batches differ in scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = bn(x1)
+    y_ref, mean_ref, var_ref = _per_sub_batch(reference, x2, 4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(bn.running_mean, mean_ref, atol=1e-6)
+    assert torch.allclose(bn.running_var, var_ref, atol=1e-6)
+    if affine:
+        assert torch.allclose(bn.weight.grad, reference.weight.grad, atol=1e-4)
+        assert torch.allclose(bn.bias.grad, reference.bias.grad, atol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
