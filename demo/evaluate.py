@@ -49,6 +49,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
+    p.add_argument("--coco-backend", default="auto", choices=coco_eval.BACKENDS,
+                   help="COCOeval implementation; auto: faster-coco-eval where installed (same stats, 6x faster), "
+                        "else pycocotools, the reference")
     add_device_argument(p)
     return p
 
@@ -84,13 +87,14 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     if not env.is_main:
         return None
     results = coco_eval.to_coco_results(predictions, dataset.label_to_category)
-    metrics = coco_eval.evaluate(dataset.coco_ground_truth(), results)
+    metrics = coco_eval.evaluate(dataset.coco_ground_truth(), results, args.coco_backend)
     out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint_path).parent
     out.mkdir(parents=True, exist_ok=True)
     (out / f"detections_{args.dataset_split}.json").write_text(json.dumps(results))
     (out / f"metrics_{args.dataset_split}.json").write_text(json.dumps(
         {"checkpoint": str(args.checkpoint_path), "stage": ckpt["stage"], "epoch": ckpt["epoch"],
          "run_id": ckpt.get("run_id"), "split": args.dataset_split, "images": len(dataset),
+         "coco_backend": coco_eval.backend(args.coco_backend),
          **metrics.to_dict()}, indent=1))
     print(metrics.summary)
     print()

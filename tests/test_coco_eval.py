@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -21,9 +23,10 @@ def perfect_results(gt: dict) -> list[dict]:
             for a in gt["annotations"]]
 
 
-def test_perfect_predictions_score_one(val_set):
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_perfect_predictions_score_one(val_set, backend):
     gt = val_set.coco_ground_truth()
-    metrics = coco_eval.evaluate(gt, perfect_results(gt))
+    metrics = coco_eval.evaluate(gt, perfect_results(gt), backend)
     assert metrics.stats["AP"] == pytest.approx(1.0)
     assert metrics.stats["AR100"] == pytest.approx(1.0)
     assert len(metrics.summary.splitlines()) == 12
@@ -52,8 +55,7 @@ def test_first_course_class_is_scored_like_the_others(val_set):
     assert all(c["AP"] == 0.0 for name, c in per_class.items() if name != "cup or mug")
 
 
-def test_matches_pycocotools_on_the_same_json(val_set, tmp_path):
-    gt = val_set.coco_ground_truth()
+def jittered_results(gt: dict) -> list[dict]:
     rng = np.random.default_rng(0)
     results = []
     for r in perfect_results(gt):
@@ -65,6 +67,12 @@ def test_matches_pycocotools_on_the_same_json(val_set, tmp_path):
         if rng.uniform() < 0.3:  # some false positives of another class
             results.append({**results[-1], "category_id": int(rng.integers(1, 101)),
                             "score": round(float(rng.uniform(0.05, 1.0)), 5)})
+    return results
+
+
+def test_matches_pycocotools_on_the_same_json(val_set, tmp_path):
+    gt = val_set.coco_ground_truth()
+    results = jittered_results(gt)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dt.json").write_text(json.dumps(results))
 
@@ -72,15 +80,40 @@ def test_matches_pycocotools_on_the_same_json(val_set, tmp_path):
     direct = COCOeval(coco_gt, coco_gt.loadRes(str(tmp_path / "dt.json")), "bbox")
     direct.evaluate()
     direct.accumulate()
-    direct.summarize()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        direct.summarize()
 
-    ours = coco_eval.evaluate(gt, results)
+    ours = coco_eval.evaluate(gt, results, "pycocotools")
     assert [ours.stats[n] for n in coco_eval.STAT_NAMES] == list(direct.stats)
     assert 0.2 < ours.stats["AP"] < 0.95  # perturbed: neither perfect nor trivial
+    assert ours.summary == printed.getvalue().rstrip("\n")
+    faster = coco_eval.evaluate(gt, results, "faster")
+    assert faster.stats == pytest.approx(ours.stats, abs=1e-12)  # float summation order, no more
+    assert faster.summary == ours.summary
+    assert [(c["id"], c["gt"]) for c in faster.per_class] == [(c["id"], c["gt"]) for c in ours.per_class]
+    assert [c["AP"] for c in faster.per_class] == pytest.approx([c["AP"] for c in ours.per_class], abs=1e-12)
 
 
-def test_no_detections_scores_zero(val_set):
-    metrics = coco_eval.evaluate(val_set.coco_ground_truth(), [])
+def test_auto_prefers_faster_coco_eval_and_falls_back(monkeypatch):
+    assert coco_eval.backend("auto") == "faster"  # a requirement: installed with the project
+    monkeypatch.setattr(coco_eval.importlib.util, "find_spec", lambda name: None)
+    assert coco_eval.backend("auto") == "pycocotools"
+    assert coco_eval.backend("faster") == "faster"
+    with pytest.raises(ValueError, match="'cocoapi': one of"):
+        coco_eval.backend("cocoapi")
+
+
+def test_summary_prints_missing_stats_as_pycocotools_does():
+    stats = dict.fromkeys(coco_eval.STAT_NAMES, -1.0)
+    lines = coco_eval.summary_lines(stats).splitlines()
+    assert lines[3] == " Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = -1.000"
+    assert lines[6] == " Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ] = -1.000"
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_no_detections_scores_zero(val_set, backend):
+    metrics = coco_eval.evaluate(val_set.coco_ground_truth(), [], backend)
     assert metrics.stats["AP"] == 0.0 and metrics.stats["AR100"] == 0.0
     assert len(metrics.per_class) == len({a["category_id"] for a in val_set.coco_ground_truth()["annotations"]})
 
