@@ -21,7 +21,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from moco import checkpoint
+from moco.backbone import backbone_weights, infer_arch, read_backbone  # noqa: F401 (re-exported)
 from moco.logger import get_logger
 
 from .fp32_boxes import Float32AnchorGenerator, Float32FastRCNNPredictor, Float32RPNHead
@@ -30,12 +30,6 @@ log = get_logger(__name__)
 
 NORMS = ("frozen", "sync")
 BOX_HEAD_WIDTH = 1024  # torchvision's TwoMLPHead representation size
-_BODY_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # a ResNet without its fc
-# Block counts of layer1..4 and whether blocks are bottlenecks: enough to name a checkpoint without 'arch'.
-_RESNET_SHAPES = {
-    ((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
-    ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152",
-}
 
 
 @dataclass(frozen=True)
@@ -100,38 +94,6 @@ def detector_from_checkpoint(ckpt: dict, source: str | Path, categories: dict[in
     model = build_detector(config)
     model.load_state_dict(ckpt["model"])
     return model, config
-
-
-def backbone_weights(ckpt: dict) -> dict:
-    """The ResNet body's tensors from any supported layout, with torchvision's ResNet key names."""
-    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    state = checkpoint.strip_prefix(state, "module.")
-    for prefix in ("encoder_q.", "backbone.body."):  # MoCo (ours and facebookresearch/moco), our detectors
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    return {k: v for k, v in state.items() if k.startswith(_BODY_PREFIXES) and hasattr(v, "shape")}
-
-
-def infer_arch(weights: dict) -> str:
-    blocks = tuple(
-        1 + max((int(k.split(".")[1]) for k in weights if k.startswith(f"layer{i}.")), default=-1)
-        for i in range(1, 5)
-    )
-    shape = (blocks, "layer1.0.conv3.weight" in weights)
-    if shape not in _RESNET_SHAPES:
-        raise ValueError(f"cannot tell the ResNet from its blocks {blocks}: the checkpoint needs an 'arch' entry")
-    return _RESNET_SHAPES[shape]
-
-
-def read_backbone(path: str | Path) -> tuple[str, dict]:
-    """A backbone checkpoint's architecture (its 'arch' entry, else read from its shapes) and body weights."""
-    ckpt = checkpoint.load(path)
-    weights = backbone_weights(ckpt)
-    if not weights:
-        raise RuntimeError(f"{path}: no ResNet weights found (expected module.encoder_q.*, a torchvision ResNet "
-                           f"state dict, or a detector's backbone.body.*)")
-    return ckpt.get("arch") or infer_arch(weights), weights
 
 
 def load_backbone(model: FasterRCNN, weights: dict, source: str | Path) -> dict:
