@@ -11,6 +11,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,7 +65,8 @@ def _free_space(directory: Path) -> str:
     return f"{free / 2**30:.1f} GiB free" if free >= 2**30 else f"{free / 2**20:.1f} MiB free"
 
 
-def save_atomic(obj: dict, path: str | Path) -> Path:
+def save_atomic(obj: dict, path: str | Path, dump: Callable = torch.save) -> Path:
+    """``dump(obj, file)`` writes the bytes: torch.save, or pickle.dump for files that tools without torch read."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -73,7 +75,7 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
             with open(tmp, "wb") as f:
                 writer = _Writer(f)
                 try:
-                    torch.save(obj, writer)
+                    dump(obj, writer)
                 except RuntimeError:
                     if writer.error is None:
                         raise
