@@ -46,4 +46,7 @@ def read_backbone(path: str | Path) -> tuple[str, dict]:
     if not weights:
         raise RuntimeError(f"{path}: no ResNet weights found (expected module.encoder_q.*, a torchvision ResNet "
                            f"state dict, or a detector's backbone.body.*)")
-    return ckpt.get("arch") or infer_arch(weights), weights
+    try:
+        return ckpt.get("arch") or infer_arch(weights), weights
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
