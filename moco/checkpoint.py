@@ -96,6 +96,14 @@ def save_atomic(obj: dict, path: str | Path, dump: Callable = torch.save) -> Pat
     return path
 
 
+def _one_line(exc: Exception) -> str:
+    """torch's reason in one line: a weights-only refusal spans a paragraph whose line after "WeightsUnpickler
+    error:" says what the file holds; other errors say it in their first line."""
+    _, refused, reason = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if refused else str(exc)).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """Load with ``weights_only=True``: tensors and plain containers only, no code from the file runs. ``mmap``
     leaves the tensors on disk until used: reading a large checkpoint's small entries then costs next to nothing
@@ -107,7 +115,8 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True,
                           mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises several unrelated types for truncated or foreign files
-        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {_one_line(exc)})"
+                                   ) from exc
     if not isinstance(ckpt, dict):
         raise UnreadableCheckpoint(f"{path}: expected a dict checkpoint, found {type(ckpt).__name__}")
     return ckpt
