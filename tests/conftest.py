@@ -24,6 +24,24 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def moco_state() -> dict:
+    """A ResNet-18 MoCo v2's state dict as moco.train and facebookresearch/moco save it: module.encoder_q.* with
+    the MLP head, module.encoder_k.*, the queue. Its BatchNorm statistics are not trivial, so a mix-up shows."""
+    import torch
+    import torchvision.models as tv_models
+
+    from moco.builder import MoCo
+
+    torch.manual_seed(0)
+    moco = MoCo(tv_models.resnet18, dim=16, K=32, m=0.99, T=0.2, mlp=True)
+    for module in moco.encoder_q.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return {f"module.{k}": v for k, v in moco.state_dict().items()}
+
+
 def _clean_env() -> dict:
     """os.environ without launcher variables, the repository importable, one thread a process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",

@@ -5,24 +5,12 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from demo.model import (DetectorConfig, build_detector, detector_from_checkpoint, infer_arch, load_backbone,
                         read_backbone)
-from moco.builder import MoCo
 
 TINY = dict(arch="resnet18", min_size=64, max_size=96, rois_per_image=16, fpn_channels=32)
 
 
 def body_state(model) -> dict:
     return {k: v.clone() for k, v in model.backbone.body.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def moco_state() -> dict:
-    torch.manual_seed(0)
-    moco = MoCo(tv_models.resnet18, dim=16, K=32, m=0.99, T=0.2, mlp=True)
-    for module in moco.encoder_q.modules():  # non-trivial statistics, so a BN mix-up shows
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2)
-    return {f"module.{k}": v for k, v in moco.state_dict().items()}
 
 
 def assert_body_equals(model, reference: dict):
