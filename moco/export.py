@@ -78,10 +78,11 @@ def export(source: str | Path, to: str, out: str | Path) -> Path:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m moco.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a MoCo checkpoint (ours or facebookresearch/moco's), a torchvision ResNet "
                                       "state dict or a demo.train detector")
-    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument("--to", required=True, choices=FORMATS,
+                   help="torchvision: the body's state dict, no fc; detectron2: a pickle for its MODEL.WEIGHTS")
     p.add_argument("out", help="the file to write")
     return p
 

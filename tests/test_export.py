@@ -13,6 +13,7 @@ from demo.model import DetectorConfig, build_detector, load_backbone, read_backb
 from moco import export
 
 ENCODER = "module.encoder_q."
+TINY_DETECTOR = DetectorConfig(arch="resnet18", num_classes=3, min_size=64, max_size=96, fpn_channels=32)
 # detectron2's ResNet: the stem's conv and norm, then res2..res5 blocks of conv1..3 with norms and a shortcut.
 D2_NAME = re.compile(r"(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))(\.norm)?"
                      r"\.(weight|bias|running_mean|running_var)")
@@ -32,15 +33,21 @@ def body(moco_state) -> dict:
     return {k[len(ENCODER):]: v for k, v in moco_state.items() if k.startswith(ENCODER) and ".fc." not in k}
 
 
+def resnet18_without_fc(state: dict) -> nn.Module:
+    """moco.export's recipe: a torchvision export loads strictly once fc is an identity."""
+    model = tv_models.resnet18(weights=None)
+    model.fc = nn.Identity()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def test_torchvision_export_is_the_body_and_loads_strict_without_fc(tmp_path, moco_checkpoint, body):
     out = export.main([str(moco_checkpoint), "--to", "torchvision", str(tmp_path / "r18.pth")])
     exported = torch.load(out, weights_only=True)
     assert sorted(exported) == sorted(body)  # no fc, no MLP head, no key encoder, every BN buffer
     for key, value in body.items():
         assert torch.equal(exported[key], value), key
-    model = tv_models.resnet18(weights=None)
-    model.fc = nn.Identity()
-    model.load_state_dict(exported, strict=True)
+    model = resnet18_without_fc(exported)
     assert torch.equal(model.layer1[0].bn1.running_var, body["layer1.0.bn1.running_var"])
     assert not list(tmp_path.glob(".*.tmp*"))  # the atomic write left no temporary file
 
@@ -77,7 +84,7 @@ def test_torchvision_export_is_a_bp_for_the_detector(tmp_path, moco_checkpoint, 
     out = export.main([str(moco_checkpoint), "--to", "torchvision", str(tmp_path / "r18.pth")])
     arch, weights = read_backbone(out)  # what demo.train --bp does
     assert arch == "resnet18"
-    model = build_detector(DetectorConfig(arch=arch, num_classes=3, min_size=64, max_size=96, fpn_channels=32))
+    model = build_detector(TINY_DETECTOR)
     report = load_backbone(model, weights, out)
     assert report["missing"] == [] and report["unexpected"] == []
     for key, value in model.backbone.body.state_dict().items():
@@ -86,14 +93,14 @@ def test_torchvision_export_is_a_bp_for_the_detector(tmp_path, moco_checkpoint, 
 
 def test_detector_body_exports_without_batch_counts(tmp_path):
     """A frozen-BN detector has no num_batches_tracked; BatchNorm fills it when the export is loaded."""
-    config = DetectorConfig(arch="resnet18", num_classes=3, min_size=64, max_size=96, fpn_channels=32)
-    detector = build_detector(config)
+    detector = build_detector(TINY_DETECTOR)
+    for module in detector.backbone.body.modules():
+        if hasattr(module, "running_var"):
+            module.running_var.uniform_(0.5, 2)
     source = tmp_path / "r3.pth"
-    torch.save({"model": detector.state_dict(), "model_config": config.to_dict()}, source)
+    torch.save({"model": detector.state_dict(), "model_config": TINY_DETECTOR.to_dict()}, source)
     out = export.main([str(source), "--to", "torchvision", str(tmp_path / "r18.pth")])
-    model = tv_models.resnet18(weights=None)
-    model.fc = nn.Identity()
-    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    model = resnet18_without_fc(torch.load(out, weights_only=True))
     assert torch.equal(model.layer4[1].bn2.running_var, detector.backbone.body.layer4[1].bn2.running_var)
 
 
