@@ -27,7 +27,7 @@ from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.images import UnreadableImage
 from moco.logger import get_logger, setup_logging
-from moco.precision import autocast_dtype
+from moco.precision import add_inference_argument, autocast_dtype
 from moco.workers import original_message
 
 from . import coco_eval, lineage
@@ -47,8 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=4, help="images per process")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
+    add_inference_argument(p)
     p.add_argument("--coco-backend", default="auto", choices=coco_eval.BACKENDS,
                    help="COCOeval implementation; auto: faster-coco-eval where installed (same stats, 6x faster), "
                         "else pycocotools, the reference")
