@@ -1,4 +1,4 @@
-"""Pictures of detections: demo.draw's boxes and tags, demo.predict on image files.
+"""Pictures of detections: demo.draw's boxes and tags, demo.predict on image files, demo.evaluate --save-pictures.
 
 The detector is a tiny untrained one whose box classifier is biased towards one class, so that it finds that class
 everywhere with a score near 1: enough boxes to draw, on a CPU, in seconds."""
@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from demo import draw
+from demo import evaluate as demo_evaluate
 from demo import predict as demo_predict
 from demo.model import DetectorConfig, build_detector
 from moco import checkpoint
@@ -168,3 +170,43 @@ def test_unreadable_images_are_named_and_the_others_written(detector, tmp_path, 
     assert listing[2]["picture"] is None and "cannot read image" in listing[3]["error"]
     assert {r["image_id"] for r in json.loads((tmp_path / "out" / "detections.json").read_text())} == {1, 4}
     assert all(rgb(tmp_path / "out" / p.name).shape == rgb(p).shape for p in good)
+
+
+# demo.evaluate --save-pictures
+
+
+def course_split(root, boxes):
+    """A course validation split: image N (160x120 noise) with one box of CATEGORY's class each."""
+    for number, box in boxes.items():
+        noise(root / "validation" / "images" / f"{number}.JPEG", (160, 120), seed=number)
+        (root / "validation" / "labels").mkdir(parents=True, exist_ok=True)
+        (root / "validation" / "labels" / f"{number}.yml").write_text(
+            yaml.safe_dump({"bboxes": [box], "labels": [NAMES[CATEGORY]]}))
+    return root
+
+
+def test_evaluation_pictures_put_ground_truth_beside_detections(detector, tmp_path):
+    boxes = {12: [90, 20, 150, 70], 5: [80, 30, 140, 60], 30: [10, 10, 50, 50]}
+    root = course_split(tmp_path / "data", boxes)
+    args = ["--checkpoint-path", str(detector), "--dataset-root", str(root), "-j", "0", "--device", "cpu"]
+    demo_evaluate.main([*args, "--output-dir", str(tmp_path / "plain")])
+    assert not (tmp_path / "plain" / "pictures").exists()  # only when asked for
+
+    demo_evaluate.main([*args, "--output-dir", str(tmp_path / "eval"), "--save-pictures", "2"])
+    pictures = tmp_path / "eval" / "pictures"
+    assert sorted(p.name for p in pictures.iterdir()) == ["12.png", "5.png"]  # the first two ids
+    results = json.loads((tmp_path / "eval" / "detections_validation.json").read_text())
+    for number in (5, 12):
+        picture = rgb(pictures / f"{number}.png")
+        image = Image.fromarray(rgb(root / "validation" / "images" / f"{number}.JPEG"))
+        assert picture.shape == (120, 320, 3)
+        x0, y0, x1, y1 = boxes[number]
+        truth = draw.annotate(image, [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": CATEGORY}], NAMES)
+        found = [r for r in results if r["image_id"] == number and r["score"] >= 0.5]
+        assert found
+        detections = draw.annotate(image, found, NAMES)
+        top = slice(0, 60)  # above the panels' titles
+        assert np.array_equal(picture[top, :160], np.asarray(truth)[top])
+        assert np.array_equal(picture[top, 160:], np.asarray(detections)[top])
+        assert (picture[y1 - 1, x0:x1] == draw.class_colour(CATEGORY)).all()  # the ground truth's bottom edge
+        assert not np.array_equal(picture[100:, :120], np.asarray(truth)[100:, :120])  # the title
