@@ -40,6 +40,12 @@ class Sample:
     category_ids: tuple[int, ...]
 
 
+def label_to_category(categories: dict[int, str]) -> dict[int, int]:
+    """The model's labels 1..C for the dataset's category ids, in id order: a checkpoint's categories give back the
+    numbering it was trained with (demo.predict has no dataset to ask)."""
+    return {label: cat for label, cat in enumerate(sorted(categories), start=1)}
+
+
 class DetectionSet(torch.utils.data.Dataset):
     """Items are ``(image, target)``: a uint8 ``tv_tensors.Image`` and a dict with ``boxes``
     (``tv_tensors.BoundingBoxes``, XYXY), ``labels`` (int64, 1..C) and ``image_id``."""
@@ -51,7 +57,7 @@ class DetectionSet(torch.utils.data.Dataset):
         self.categories = dict(sorted(categories.items()))
         self.transforms = transforms
         self.source = source
-        self.label_to_category = {label: cat for label, cat in enumerate(self.categories, start=1)}
+        self.label_to_category = label_to_category(self.categories)
         self._category_to_label = {cat: label for label, cat in self.label_to_category.items()}
 
     @property

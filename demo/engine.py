@@ -73,7 +73,10 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
     """Detections for every image of ``dataset``, keyed by image id, on rank 0 (None on the others).
 
     Each rank runs its share of fixed batches (see ``eval_batches``); rank 0 gathers them. A stop request
-    (``moco.preemption``) raises ``Preempted`` at the next batch polled, the batch number as its step."""
+    (``moco.preemption``) raises ``Preempted`` at the next batch polled, the batch number as its step.
+    ``dataset`` is any with ``aspect_ratios()`` and ``(image, {"image_id": ...})`` items. One that skips files it
+    cannot read (demo.predict's, never a labeled split) gives ``None`` for the image and the reason as the target's
+    ``error``; that image's entry is then ``{"error": reason}``."""
     was_training = model.training
     model.eval()
     batches = eval_batches(dataset.aspect_ratios(), batch_size, rank, world_size)
@@ -89,10 +92,14 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
         if data is None:  # this rank's batches are done
             continue
         images, targets = data
-        images, _ = to_device(images, None, device)
+        mine.update((t["image_id"], {"error": t["error"]}) for image, t in zip(images, targets) if image is None)
+        read = [(image, t) for image, t in zip(images, targets) if image is not None]
+        if not read:
+            continue
+        images, _ = to_device([image for image, _ in read], None, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)
-        for target, out in zip(targets, outputs):
+        for (_, target), out in zip(read, outputs):
             mine[target["image_id"]] = {k: (v.float() if v.is_floating_point() else v).cpu()
                                         for k, v in out.items()}
     model.train(was_training)

@@ -4,6 +4,8 @@
 
 Prints pycocotools' 12 summary lines and an AP table per class, and writes ``detections_<split>.json``
 (COCO results format) and ``metrics_<split>.json`` to ``--output-dir`` (default: beside the checkpoint).
+``--save-pictures N`` also writes the first N images by id to ``<output-dir>/pictures/<id>.png``, ground truth on
+the left and the detections at or above ``--score-threshold`` on the right, to see what the numbers mean.
 The checkpoint alone defines the model: no backbone file is read. A checkpoint in its stage's directory of a run
 (``<output-dir>/r3/``) is refused when a stage it was trained from has been run again since (see demo.lineage).
 Under torchrun or srun each process evaluates a share of the images and rank 0 scores them all, with results
@@ -25,12 +27,12 @@ from pathlib import Path
 from moco import checkpoint, preemption, runs
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
-from moco.images import UnreadableImage
+from moco.images import UnreadableImage, load_rgb
 from moco.logger import get_logger, setup_logging
-from moco.precision import autocast_dtype
+from moco.precision import add_inference_argument, autocast_dtype
 from moco.workers import original_message
 
-from . import coco_eval, lineage
+from . import coco_eval, draw, lineage
 from .datasets import load_split
 from .engine import predict
 from .model import detector_from_checkpoint
@@ -47,8 +49,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=4, help="images per process")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
+    p.add_argument("--save-pictures", type=int, default=0, metavar="N",
+                   help="draw the first N images by id, ground truth beside detections, into <output-dir>/pictures")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="the least score of a detection drawn by --save-pictures")
+    add_inference_argument(p)
     p.add_argument("--coco-backend", default="auto", choices=coco_eval.BACKENDS,
                    help="COCOeval implementation; auto: faster-coco-eval where installed (same stats, 6x faster), "
                         "else pycocotools, the reference")
@@ -87,7 +92,8 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     if not env.is_main:
         return None
     results = coco_eval.to_coco_results(predictions, dataset.label_to_category)
-    metrics = coco_eval.evaluate(dataset.coco_ground_truth(), results, args.coco_backend)
+    ground_truth = dataset.coco_ground_truth()
+    metrics = coco_eval.evaluate(ground_truth, results, args.coco_backend)
     out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint_path).parent
     out.mkdir(parents=True, exist_ok=True)
     (out / f"detections_{args.dataset_split}.json").write_text(json.dumps(results))
@@ -100,7 +106,29 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     print()
     print(coco_eval.per_class_table(metrics))
     log.info("detections and metrics written to %s", out)
+    if args.save_pictures > 0:
+        _save_pictures(dataset, ground_truth["annotations"], results, args.save_pictures, args.score_threshold,
+                       out / "pictures")
     return metrics
+
+
+def _save_pictures(dataset, annotations: list[dict], results: list[dict], count: int, threshold: float,
+                   out: Path) -> None:
+    """Ground truth beside detections for the first ``count`` images by id: the same ones every run, to compare
+    checkpoints by eye."""
+    out.mkdir(parents=True, exist_ok=True)
+    samples = sorted(dataset.samples, key=lambda s: s.image_id)[:count]
+    truth = {s.image_id: [] for s in samples}
+    found = {s.image_id: [] for s in samples}
+    for records, kept in ((annotations, truth), ((r for r in results if r["score"] >= threshold), found)):
+        for record in records:
+            kept.get(record["image_id"], []).append(record)
+    for sample in samples:
+        image = load_rgb(sample.path)
+        draw.side_by_side(draw.annotate(image, truth[sample.image_id], dataset.categories),
+                          draw.annotate(image, found[sample.image_id], dataset.categories),
+                          ("ground truth", f"detections, score >= {threshold:g}")).save(out / f"{sample.image_id}.png")
+    log.info("%d pictures, ground truth beside detections, written to %s", len(samples), out)
 
 
 if __name__ == "__main__":

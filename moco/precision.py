@@ -21,6 +21,15 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+MODES = ("auto", "bf16", "fp16", "off")
+
+
+def add_inference_argument(parser) -> None:
+    """The --precision flag of the entry points that only run the detector (demo.evaluate, demo.predict)."""
+    parser.add_argument("--precision", default="auto", choices=MODES,
+                        help="autocast dtype of the network; auto: fp16 on GPUs, fp32 on the CPU. Box geometry is fp32")
+
+
 def autocast_dtype(device: torch.device, mode: str = "auto", inference: bool = False) -> torch.dtype | None:
     """mode: auto | bf16 | fp16 | off. Returns the autocast dtype, or None for fp32; ``inference`` picks auto's
     choice for evaluation rather than training."""
