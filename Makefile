@@ -51,7 +51,7 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data check-data pretrain finetune compare evaluate demo test test-fast mutate clean
+.PHONY: help venv doctor data check-data pretrain finetune compare evaluate demo bench test test-fast mutate clean
 .PHONY: slurm-up slurm-down pipeline
 
 help: ## List the targets
@@ -102,6 +102,9 @@ evaluate: $(STAMP) ## COCO AP/AR of the fine-tuned demo detector on the validati
 		--dataset-split validation --workers $(WORKERS)
 
 demo: finetune evaluate ## The main job end to end on the tiny dataset: pretrain, r1, r2, r3, evaluate
+
+bench: data ## Speed and memory of our defaults vs the original's way, as ratios in one run (~15 min; runs/bench)
+	$(PY) -m demo.bench --output-dir runs/bench --data $(DATA)/train
 
 test: $(STAMP) ## Run the whole test suite (PYTEST_ARGS="-m 'not slurm'" and the like pass through)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
