@@ -68,7 +68,7 @@ class Row:
 def rows(quick: bool, data: Path) -> list[Row]:
     """The benchmark; ``quick`` shrinks every row to seconds (the tests' size), keeping its code path."""
     moco_cases = [("resnet18", 32, 16, 64)] if quick else [("resnet18", 64, 64, 4096), ("resnet50", 224, 32, 4096)]
-    detector, size = ("resnet18", 128) if quick else ("resnet50", 800)
+    detector, size, rois = ("resnet18", 128, 64) if quick else ("resnet50", 800, 512)  # 512: torchvision's
     images, classes, detections = (50, 10, 20) if quick else (20000, 100, 50)
     pair = ("original", "ours")
     return [
@@ -77,7 +77,7 @@ def rows(quick: bool, data: Path) -> list[Row]:
         Row(f"input pipeline, PNG + two aug+ views at {32 if quick else 224}", "pipeline", pair,
             dict(data=str(data), size=32 if quick else 224)),
         *(Row(f"detection {'train step' if train else 'inference'}, {detector}, 2 images at {size}", "detection",
-              pair, dict(arch=detector, size=size, train=train)) for train in (True, False)),
+              pair, dict(arch=detector, size=size, rois=rois, train=train)) for train in (True, False)),
         Row(f"COCO evaluation, {images:,} images x {classes} classes", "coco", ("pycocotools", "faster"),
             dict(images=images, classes=classes, detections=detections)),
     ]
@@ -151,13 +151,14 @@ def _detection(variant: str, p: dict, device: torch.device):
                 max_size=size * 5 // 3)
         else:  # the same layout around a smaller ResNet
             model = build_detector(DetectorConfig(arch=p["arch"], num_classes=91, min_size=size,
-                                                  max_size=size * 5 // 3))
+                                                  max_size=size * 5 // 3, rois_per_image=p["rois"]))
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = p["rois"]
         amp_dtype, memory_format = None, torch.contiguous_format
     else:
         protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         model = build_detector(DetectorConfig(arch=p["arch"], norm=protocol.norm, num_classes=91,
                                               trainable_layers=protocol.trainable_layers, min_size=size,
-                                              max_size=size * 5 // 3, rois_per_image=512, fpn_channels=256,
+                                              max_size=size * 5 // 3, rois_per_image=p["rois"], fpn_channels=256,
                                               train_min_sizes=multiscale_sizes(size) if protocol.multiscale else ()))
         amp_dtype = autocast_dtype(device, inference=not p["train"])
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # demo.train's
