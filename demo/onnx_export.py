@@ -15,7 +15,9 @@ to the input's pixels.
 The exporter is torch's TorchScript-based one (``dynamo=False``): torchvision's detection code carries ONNX paths for
 its tracer (image sizes kept symbolic, top-k, NMS and RoIAlign symbolics), while ``torch.export``, under which the
 dynamo exporter runs, stops at the data-dependent number of boxes (pytorch/pytorch#146152). A trace records the path
-of one image; the check below confirms that it holds at other sizes.
+of one image; the check below confirms that it holds at other sizes. One of torchvision's traced steps is replaced:
+its resize computes sizes in float32 and misses eager PyTorch's by a pixel for about one image size in three
+(``ExportTransform``).
 
 Before anything is written, onnxruntime and PyTorch run on a synthetic image of ``--image-size``, on one of another
 shape and on each ``--verify`` image; their detections are paired (same label, score within ``--score-tolerance``,
@@ -38,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _get_shape_onnx
 from torchvision.transforms.v2 import functional as TF
 
 from moco import checkpoint
@@ -77,6 +82,32 @@ def runtime():
     return onnx, onnxruntime
 
 
+class ExportTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, except that a traced resize sizes the image as eager PyTorch does.
+
+    torchvision's traced resize computes the scale in float32 as ``1 / short side * min_size``, so that for about one
+    short side in three (198 px at min_size 224, 55 at 128) ``floor(short side * scale)`` is a pixel off eager
+    PyTorch's size: every box of such an image moves by pixels and its scores by hundredths. Eager PyTorch computes
+    ``int(side * min(min_size / short, max_size / long))`` in Python floats, which float64 tensors repeat exactly."""
+
+    def resize(self, image: torch.Tensor, target: dict | None = None):
+        if not torchvision._is_tracing() or target is not None or self.fixed_size is not None:
+            return super().resize(image, target)
+        shape = _get_shape_onnx(image).to(torch.float64)
+        limits = torch.tensor([float(self.min_size[-1]), float(self.max_size)], dtype=torch.float64)
+        scale = torch.min(limits / torch.stack([shape.min(), shape.max()]))
+        size = torch.floor(shape * scale).to(torch.int64)
+        return F.interpolate(image[None], size=[size[0], size[1]], mode="bilinear", align_corners=False)[0], target
+
+
+def for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with ``ExportTransform``, which changes nothing outside a trace."""
+    t = model.transform
+    model.transform = ExportTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible,
+                                      t.fixed_size)
+    return model.eval()
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
     """The traced eval-mode ``model`` as ONNX bytes, image height and width dynamic."""
     buffer = io.BytesIO()
@@ -84,7 +115,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> by
         # The tracer warns about every Python value torchvision reads off a tensor, and torch about its legacy
         # exporter; they are expected here, and the check against PyTorch at other sizes is what tells.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), ([example],), buffer, dynamo=False, opset_version=opset,
+        torch.onnx.export(for_export(model), ([example],), buffer, dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=list(OUTPUTS),
                           dynamic_axes={"image": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in OUTPUTS}})
     return buffer.getvalue()
