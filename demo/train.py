@@ -20,7 +20,8 @@ Hyper-parameter contract (defaults at total batch 4, see demo/recipe.py):
   architecture is read from the file).
 
 Files, in ``<output-dir>/<stage>/``: ``checkpoint_last.pth.tar`` after every epoch, ``checkpoint_best.pth.tar``
-(highest validation AP), ``metrics.jsonl``, ``train.log``. A checkpoint holds everything evaluation needs
+(highest validation AP), ``metrics.jsonl`` and TensorBoard event files (epochs counted from r1's start, so the
+stages' curves continue each other), ``train.log``. A checkpoint holds everything evaluation needs
 (weights, architecture, class names) and everything a resume needs (optimizer, lr scheduler, scaler, epoch). A
 ``checkpoint_last`` that does not read (truncated, garbage) is passed over, with a warning, for the stage's
 ``checkpoint_best`` (the same stage at an earlier or the same epoch); with neither readable the run stops with an
@@ -67,7 +68,8 @@ import torch.nn as nn
 from moco import checkpoint, failures, preemption, runs, unreadable
 from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
-from moco.logger import append_metrics, get_logger, setup_logging
+from moco.logger import get_logger, setup_logging
+from moco.metrics import MetricsWriter
 from moco.precision import autocast_dtype
 from moco.runlock import DirectoryLock
 from moco.unreadable import TooManyUnreadable, UnreadableFiles
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
             if aside is not None:
                 log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
                             aside)
-            return _train(args, env, stage_dir)
+            with MetricsWriter(stage_dir, env.rank) as metrics_writer:
+                return _train(args, env, stage_dir, metrics_writer)
     finally:
         lock.release()
         cleanup_distributed()
@@ -231,7 +234,7 @@ def detector_config(args: argparse.Namespace, protocol: Protocol, arch: str, num
                           rois_per_image=args.rois_per_image, fpn_channels=args.fpn_channels)
 
 
-def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
+def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: MetricsWriter) -> dict:
     stage = STAGES[args.stage]
     if args.batch_size % env.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {env.world_size} "
@@ -355,7 +358,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path) -> dict:
         checkpoint.save_atomic(snapshot, stage_dir / checkpoint.LAST)
         if is_best:
             checkpoint.save_atomic(snapshot, stage_dir / BEST)
-        append_metrics(stage_dir / "metrics.jsonl", record)
+        metrics_writer.write(record)
         log.info("epoch %d/%d done: loss %.4f, %.1f img/s, validation AP %.4f AP50 %.4f%s", done, end_epoch,
                  stats.get("loss", math.nan), stats["images_per_s"], metrics.stats["AP"], metrics.stats["AP50"],
                  " (best)" if is_best else "")

@@ -1,7 +1,6 @@
 """Logging for every module: one configuration, rank-aware, to stdout and a file in the run directory."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -38,9 +37,3 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> None:
         handler.addFilter(_RankFilter(rank))
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def append_metrics(path: str | Path, record: dict) -> None:
-    """One JSON object per line: what tests, plots and humans read after a run."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

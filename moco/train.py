@@ -58,7 +58,8 @@ from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
 from .devices import add_device_argument, configure_backends
 from .distributed import all_reduce_mean, average_running_stats, cleanup_distributed, init_distributed
-from .logger import append_metrics, get_logger, setup_logging
+from .logger import get_logger, setup_logging
+from .metrics import MetricsWriter
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
 from .runlock import DirectoryLock
@@ -98,7 +99,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", default=0, type=int,
                    help="lr rises linearly, step by step, from 0 to the schedule's over these first epochs")
     # Added by this project.
-    p.add_argument("--output-dir", default="runs/moco", help="checkpoints, log and metrics.jsonl go here")
+    p.add_argument("--output-dir", default="runs/moco",
+                   help="checkpoints, log, metrics.jsonl and TensorBoard event files go here")
     p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype; auto: bf16 where native (Ampere+, AVX-512 BF16 CPUs), fp16 on older GPUs")
@@ -248,13 +250,14 @@ def main(argv: list[str] | None = None) -> MoCo:
     try:
         with failures.exit_statuses(output_dir / checkpoint.LAST):
             runs.decided_by_rank0(lock.acquire, env.device)  # a refusal reaches every rank
-            return _train(args, env, output_dir)
+            with MetricsWriter(output_dir, env.rank) as metrics_writer:
+                return _train(args, env, output_dir, metrics_writer)
     finally:
         lock.release()
         cleanup_distributed()
 
 
-def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
+def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: MetricsWriter) -> MoCo:
     validate_args(args, env.world_size)
     paths = find_unlabeled_images(args.data)  # first: a wrong path should fail before any model is built
     per_rank_batch = args.batch_size // env.world_size
@@ -324,7 +327,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             knn = probe(model.encoder_q)
             log.info("kNN top-1 at initialisation: %.2f%% (own BatchNorm statistics: %.2f%%)",
                      100 * knn["knn_top1"], 100 * knn["knn_top1_own_bn"])
-            append_metrics(output_dir / "metrics.jsonl", {"epoch": 0, **knn})
+            metrics_writer.write({"epoch": 0, **knn})
 
     def state(epochs_done: int, step: int = 0) -> dict:
         return {
@@ -348,7 +351,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path) -> MoCo:
             for old in checkpoint.numbered(output_dir)[:-args.keep] if args.keep else ():
                 old.unlink()
                 log.info("removed %s (--keep %d)", old, args.keep)
-        append_metrics(output_dir / "metrics.jsonl", record)
+        metrics_writer.write(record)
 
     for epoch in range(start_epoch, args.epochs):
         first_step = start_step if epoch == start_epoch else 0
