@@ -11,6 +11,7 @@ from moco import failures, preemption
 from moco.distributed import all_reduce_mean
 from moco.logger import get_logger
 from moco.precision import optimizer_step
+from moco.progress import EpochProgress
 from moco.unreadable import UnreadableFiles
 from moco.workers import DataLoader
 
@@ -39,6 +40,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    progress = EpochProgress(log, epoch, steps, first_step, print_freq)
     for step, (images, targets, failed, errors) in enumerate(loader, first_step):
         if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
@@ -56,12 +59,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
         seen += len(images)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v * len(images)
-        if print_freq and step % print_freq == 0:
-            log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, values["loss"],
-                     optimizer.param_groups[0]["lr"])
+        progress.update(step, len(images) * world,
+                        lambda: f"loss {values['loss']:.4f} lr {optimizer.param_groups[0]['lr']:.3g}")
     elapsed = time.perf_counter() - start
     stats = {k: all_reduce_mean(v / max(seen, 1), device) for k, v in sorted(sums.items())}
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     stats["images_per_s"] = seen * world / elapsed
     stats["unreadable_images"] = unreadable_files.epoch_count()
     return stats

@@ -18,6 +18,12 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _shown_on_console(record: logging.LogRecord) -> bool:
+    """Records logged with ``extra={"console": False}`` go to the file alone: on a terminal, moco.progress's
+    redrawn line stands in for its periodic lines."""
+    return getattr(record, "console", True)
+
+
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
@@ -28,12 +34,15 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(_shown_on_console)
+    # On a terminal a line first clears moco.progress's redrawn line, rather than continuing it.
+    handlers = {console: ("\r\x1b[K" if sys.stdout.isatty() else "") + _FORMAT}
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handlers[logging.FileHandler(log_file)] = _FORMAT
+    for handler, line_format in handlers.items():
+        handler.setFormatter(logging.Formatter(line_format, datefmt="%H:%M:%S"))
         handler.addFilter(_RankFilter(rank))
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)

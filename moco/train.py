@@ -62,6 +62,7 @@ from .logger import get_logger, setup_logging
 from .metrics import MetricsWriter
 from .precision import autocast_dtype, optimizer_step
 from .probe import KnnProbe
+from .progress import EpochProgress
 from .runlock import DirectoryLock
 from .unreadable import TooManyUnreadable, UnreadableFiles
 from .workers import DataLoader
@@ -192,6 +193,7 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, start = 0, time.perf_counter()
     steps = first_step + len(loader)
+    progress = EpochProgress(log, epoch, steps, first_step, args.print_freq)
     for step, ((im_q, im_k), failed, errors) in enumerate(loader, first_step):
         if preemption.stop_requested(device, step):
             raise preemption.Preempted(step)
@@ -212,9 +214,8 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == 0).sum()
         seen += n
-        if args.print_freq and step % args.print_freq == 0:
-            log.info("epoch %d step %d/%d loss %.4f acc@1 %.1f%%", epoch, step, steps, loss.item(),
-                     100.0 * correct.item() / seen)
+        progress.update(step, n * world_size,
+                        lambda: f"loss {loss.item():.4f} acc@1 {100.0 * correct.item() / seen:.1f}%")
     elapsed = time.perf_counter() - start
     return {
         "loss": all_reduce_mean(loss_sum.item() / max(seen, 1), device),
