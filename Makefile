@@ -51,8 +51,8 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data check-data pretrain finetune compare evaluate demo bench test test-fast mutate clean
-.PHONY: slurm-up slurm-down pipeline
+.PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots demo bench test test-fast mutate
+.PHONY: clean slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -101,7 +101,10 @@ evaluate: $(STAMP) ## COCO AP/AR of the fine-tuned demo detector on the validati
 	$(PY) -m demo.evaluate --checkpoint-path $(FPN_CHECKPOINT) --dataset-root $(DATA)/labeled \
 		--dataset-split validation --workers $(WORKERS)
 
-demo: finetune evaluate ## The main job end to end on the tiny dataset: pretrain, r1, r2, r3, evaluate
+plots: $(STAMP) ## PNG figures of a run (RUN=runs/demo) from its metrics.jsonl files, into RUN/plots
+	$(PY) -m demo.plots $(RUN)
+
+demo: finetune evaluate plots ## The main job end to end on the tiny dataset: pretrain, r1, r2, r3, evaluate, plots
 
 bench: data ## Speed and memory of our defaults vs the original's way, as ratios in one run (~15 min; runs/bench)
 	$(PY) -m demo.bench --output-dir runs/bench --data $(DATA)/train
