@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.models.detection import FasterRCNN
 
 from demo import evaluate as demo_evaluate
@@ -70,6 +71,17 @@ def test_stages_chain_with_their_own_lr(chain):
         assert ckpt["protocol"] == "moco" and ckpt["model_config"]["norm"] == "sync"
         assert ckpt["model_config"]["train_min_sizes"] == (96, 128, 160)
         assert (run / stage / demo_train.BEST).is_file()
+
+
+def test_validation_ap_continues_across_the_stages_in_tensorboard(chain):
+    points = []
+    for stage in ("r1", "r2", "r3"):
+        events = EventAccumulator(str(chain["run"] / stage))
+        events.Reload()
+        points += [(e.step, e.value) for e in events.Scalars("val/AP")]
+    records = [m for s in ("r1", "r2", "r3") for m in metrics(chain["run"] / s / "metrics.jsonl")]
+    assert points == [(m["epoch"], pytest.approx(m["val"]["AP"])) for m in records]
+    assert [step for step, _ in points] == list(range(1, 11))
 
 
 def test_next_stage_starts_from_previous_weights_and_resumes_itself(chain, tmp_path):

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moco import checkpoint, preemption
 from moco.batchnorm import SplitBatchNorm2d
@@ -96,6 +97,17 @@ def test_probe_logged_at_initialisation_and_every_n_epochs(trained):
     assert all(0.0 <= v <= 1.0 for v in probes.values())
     own = {m["epoch"]: m["knn_top1_own_bn"] for m in _metrics(trained) if "knn_top1" in m}
     assert sorted(own) == [0, 4, 8] and all(0.0 <= v <= 1.0 for v in own.values())
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_the_records_by_epoch(trained):
+    events = EventAccumulator(str(trained))
+    events.Reload()
+    records = _metrics(trained)
+    for tag, key in (("train/loss", "loss"), ("train/acc1", "acc1"), ("train/key_spread", "key_spread"),
+                     ("train/lr", "lr"), ("probe/knn_top1", "knn_top1")):
+        expected = [(m["epoch"], m[key]) for m in records if key in m]
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(step, pytest.approx(v)) for step, v in expected]
 
 
 @pytest.mark.slow
