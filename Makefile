@@ -51,7 +51,7 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots demo bench test test-fast mutate
+.PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots figures demo bench test test-fast mutate
 .PHONY: clean slurm-up slurm-down pipeline
 
 help: ## List the targets
@@ -93,7 +93,7 @@ finetune: pretrain ## Faster R-CNN + FPN stages r1, r2, r3 on the tiny dataset, 
 COMPARE ?= runs/compare
 COMPARE_SEEDS ?= 0 1 2
 
-compare: pretrain ## MoCo vs random init: the demo's fine-tuning, 3 seeds each, mean ± std of AP, kNN (~1.5 h)
+compare: pretrain ## MoCo vs random init: the demo's fine-tuning, 3 seeds each, mean ± std of AP, kNN (~2 h)
 	$(PY) -m demo.compare --bp $(RUN)/moco/checkpoint_last.pth.tar --dataset-root $(DATA)/labeled \
 		--output-dir $(COMPARE) --seeds $(COMPARE_SEEDS) --epochs 3 4 5 -- --workers $(WORKERS) $(DEMO_FINETUNE_FLAGS)
 
@@ -103,6 +103,17 @@ evaluate: $(STAMP) ## COCO AP/AR of the fine-tuned demo detector on the validati
 
 plots: $(STAMP) ## PNG figures of a run (RUN=runs/demo) from its metrics.jsonl files, into RUN/plots
 	$(PY) -m demo.plots $(RUN)
+
+# The README's figures, from the demo's run: its curves and one validation image, ground truth beside detections.
+FIGURES := demo/figures
+
+figures: plots ## The README's figures from the demo's run (after make demo), into demo/figures
+	$(PY) -m demo.evaluate --checkpoint-path $(FPN_CHECKPOINT) --dataset-root $(DATA)/labeled \
+		--dataset-split validation --workers $(WORKERS) --output-dir $(RUN)/figures \
+		--save-pictures 1 --score-threshold 0.3
+	mkdir -p $(FIGURES)
+	cp $(RUN)/plots/pretraining.png $(RUN)/plots/finetuning.png $(FIGURES)/
+	cp $(RUN)/figures/pictures/*.png $(FIGURES)/detections.png
 
 demo: finetune evaluate plots ## The main job end to end on the tiny dataset: pretrain, r1, r2, r3, evaluate, plots
 

@@ -65,8 +65,9 @@ def _free_space(directory: Path) -> str:
     return f"{free / 2**30:.1f} GiB free" if free >= 2**30 else f"{free / 2**20:.1f} MiB free"
 
 
-def save_atomic(obj: dict, path: str | Path, dump: Callable = torch.save) -> Path:
-    """``dump(obj, file)`` writes the bytes: torch.save, or pickle.dump for files that tools without torch read."""
+def save_atomic(obj: dict, path: str | Path, dump: Callable | None = None) -> Path:
+    """``dump(obj, file)`` writes the bytes: torch.save (the default, looked up at each call), or pickle.dump for
+    files that tools without torch read."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -75,7 +76,7 @@ def save_atomic(obj: dict, path: str | Path, dump: Callable = torch.save) -> Pat
             with open(tmp, "wb") as f:
                 writer = _Writer(f)
                 try:
-                    dump(obj, writer)
+                    (dump or torch.save)(obj, writer)
                 except RuntimeError:
                     if writer.error is None:
                         raise
