@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from demo import onnx_export as ox
-from demo.model import DetectorConfig, build_detector, detector_from_checkpoint
+from demo.model import detector_from_checkpoint
+from detector_checkpoints import save_detector
 from moco import checkpoint
 
 onnx = pytest.importorskip("onnx")
@@ -37,17 +38,11 @@ def noise_png(path, height, width, seed):
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """A demo.train-style checkpoint whose classifier gives confident, well-spread scores."""
-    torch.manual_seed(0)
-    config = DetectorConfig(arch="resnet18", num_classes=len(CATEGORIES) + 1, min_size=128, max_size=192,
-                            rois_per_image=16, fpn_channels=32)
-    model = build_detector(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(20)
-        model.roi_heads.box_predictor.cls_score.bias[0] = 9.0  # background: fewer than 100 detections
-    path = tmp_path_factory.mktemp("detector") / "final.pth.tar"
-    checkpoint.save_atomic({"model": model.state_dict(), "model_config": config.to_dict(), "stage": "r3",
-                            "epoch": 1, "categories": [[k, v] for k, v in CATEGORIES.items()]}, path)
-    return path
+    def tilt(cls_score):
+        cls_score.weight.mul_(20)
+        cls_score.bias[0] = 9.0  # background: fewer than 100 detections
+
+    return save_detector(tmp_path_factory.mktemp("detector") / "final.pth.tar", CATEGORIES, 128, tilt)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from demo import draw
 from demo import evaluate as demo_evaluate
 from demo import predict as demo_predict
-from demo.model import DetectorConfig, build_detector
-from moco import checkpoint
+from detector_checkpoints import save_detector
 from moco.course import CLASSES
 from moco.unreadable import EXIT_DATAERR
 
@@ -26,16 +24,10 @@ GREY = (128, 128, 128)
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """A demo.train-style checkpoint of the course's classes; its classifier gives CATEGORY about 0.99."""
-    torch.manual_seed(0)
-    config = DetectorConfig(arch="resnet18", num_classes=len(CLASSES) + 1, min_size=64, max_size=96,
-                            rois_per_image=16, fpn_channels=32)
-    model = build_detector(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[CATEGORY] = 10.0  # label = category id for the course
-    path = tmp_path_factory.mktemp("detector") / "final.pth.tar"
-    checkpoint.save_atomic({"model": model.state_dict(), "model_config": config.to_dict(), "stage": "r3",
-                            "epoch": 1, "categories": [[k, v] for k, v in NAMES.items()]}, path)
-    return path
+    def tilt(cls_score):
+        cls_score.bias[CATEGORY] = 10.0  # label = category id for the course
+
+    return save_detector(tmp_path_factory.mktemp("detector") / "final.pth.tar", NAMES, 64, tilt)
 
 
 def noise(path, size=(64, 48), seed=0):
