@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log.info("bench on %s (%s), %d threads, torch %s", info["device"], info["name"], info["threads"], info["torch"])
     peaks = {str(d).replace("torch.", ""): matmul_peak(d, device, 0.5 if args.quick else 2.0)
              for d in (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     results = []
     for row in [r for r in rows(args.quick, Path(args.data)) if not args.only or r.kind in args.only]:
         rounds = 1 if row.kind == "coco" and not args.quick else args.rounds  # pycocotools takes minutes there
@@ -374,11 +376,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         peak_shares(result, peaks)
         log.info("%s: %s", row.name, ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in result["variants"].items()))
         results.append(result)
+        # Rewritten after every row: a bench stopped half-way keeps the rows it measured.
+        (out / "bench.json").write_text(json.dumps({"machine": info, "matmul_peak_flops": peaks, "rows": results},
+                                                   indent=1))
     print(table(results))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"machine": info, "matmul_peak_flops": peaks, "rows": results},
-                                               indent=1))
     return results
 
 
