@@ -70,7 +70,7 @@ from moco.devices import add_device_argument, configure_backends
 from moco.distributed import cleanup_distributed, init_distributed
 from moco.logger import get_logger, setup_logging
 from moco.metrics import MetricsWriter
-from moco.precision import autocast_dtype
+from moco.precision import MODES, autocast_dtype
 from moco.runlock import DirectoryLock
 from moco.unreadable import TooManyUnreadable, UnreadableFiles
 from moco.workers import DataLoader
@@ -118,7 +118,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N steps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--precision", default="auto", choices=MODES,
                    help="autocast dtype of training; auto: bf16 where native, fp16 on older GPUs. Validation's auto: "
                         "fp16 on GPUs, fp32 on the CPU. Box geometry is fp32 under all of them")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

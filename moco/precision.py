@@ -40,7 +40,7 @@ def autocast_dtype(device: torch.device, mode: str = "auto", inference: bool = F
     if mode == "fp16":
         return torch.float16
     if mode != "auto":
-        raise ValueError(f"unknown precision mode {mode!r} (auto, bf16, fp16, off)")
+        raise ValueError(f"unknown precision mode {mode!r} ({', '.join(MODES)})")
     if device.type == "cuda":
         if inference:
             return torch.float16

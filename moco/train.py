@@ -60,7 +60,7 @@ from .devices import add_device_argument, configure_backends
 from .distributed import all_reduce_mean, average_running_stats, cleanup_distributed, init_distributed
 from .logger import get_logger, setup_logging
 from .metrics import MetricsWriter
-from .precision import autocast_dtype, optimizer_step
+from .precision import MODES, autocast_dtype, optimizer_step
 from .probe import KnnProbe
 from .progress import EpochProgress
 from .runlock import DirectoryLock
@@ -103,7 +103,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/moco",
                    help="checkpoints, log, metrics.jsonl and TensorBoard event files go here")
     p.add_argument("--image-size", default=224, type=int, help="crop size; smaller for quick runs")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--precision", default="auto", choices=MODES,
                    help="autocast dtype; auto: bf16 where native (Ampere+, AVX-512 BF16 CPUs), fp16 on older GPUs")
     add_device_argument(p)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
