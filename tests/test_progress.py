@@ -116,3 +116,15 @@ def test_on_a_terminal_a_log_line_replaces_the_redrawn_line_instead_of_continuin
     setup_logging(0)
     assert terminal.getvalue().startswith("\r\x1b[K") and terminal.getvalue().endswith("epoch 3/8 done\n")
     assert pipe.getvalue()[0].isdigit()  # the time: nothing to clear in a Slurm log
+
+
+def test_the_line_is_redrawn_on_the_consoles_stream_the_logger_clears(monkeypatch):
+    """A terminal on stdout (the console log's stream) gets the line, whatever stderr is; a piped stdout gets none."""
+    for stdout, stderr in ((Terminal(), io.StringIO()), (io.StringIO(), Terminal())):
+        monkeypatch.setattr("sys.stdout", stdout)
+        monkeypatch.setattr("sys.stderr", stderr)
+        bar = EpochProgress(log, epoch=3, steps=2, print_freq=0)
+        bar.update(0, 8, lambda: "")
+        assert bar.live == stdout.isatty()
+        assert stderr.getvalue() == ""
+        assert ("step 1/2" in stdout.getvalue()) == stdout.isatty()
