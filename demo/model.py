@@ -80,12 +80,17 @@ def build_detector(config: DetectorConfig) -> FasterRCNN:
                       box_predictor=Float32FastRCNNPredictor(BOX_HEAD_WIDTH, config.num_classes))
 
 
+def trained_categories(ckpt: dict) -> dict[int, str]:
+    """The classes (id: name) a demo.train checkpoint was trained on; none for any other checkpoint."""
+    return {int(k): v for k, v in ckpt.get("categories", ())}
+
+
 def detector_from_checkpoint(ckpt: dict, source: str | Path, categories: dict[int, str]
                              ) -> tuple[FasterRCNN, DetectorConfig]:
     """Rebuild a fine-tuned detector from its checkpoint alone, for data with these ``categories`` (id: name)."""
     if "model_config" not in ckpt:
         raise ValueError(f"{source}: not a detector checkpoint of demo.train (a backbone goes to --bp)")
-    trained = {int(k): v for k, v in ckpt["categories"]}
+    trained = trained_categories(ckpt)
     if trained != categories:
         differences = sorted(set(trained.items()) ^ set(categories.items()))[:3]
         raise ValueError(f"{source}: trained on {len(trained)} classes that differ from the dataset's "

@@ -51,7 +51,7 @@ from moco.images import UnreadableImage, load_rgb
 from moco.logger import get_logger, setup_logging
 
 from .datasets import label_to_category
-from .model import detector_from_checkpoint
+from .model import detector_from_checkpoint, trained_categories
 
 log = get_logger("demo.onnx_export")
 
@@ -244,7 +244,7 @@ def export(source: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, imag
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"{out}: is the checkpoint being exported; name another file")
     ckpt = checkpoint.load(source)
-    categories = {int(k): v for k, v in ckpt.get("categories", ())}
+    categories = trained_categories(ckpt)
     model, config = detector_from_checkpoint(ckpt, source, categories)
     model.eval()
     del ckpt  # its optimizer state is as large as the model

@@ -33,7 +33,7 @@ from moco.unreadable import EXIT_DATAERR
 from . import coco_eval, draw
 from .datasets import label_to_category
 from .engine import predict
-from .model import detector_from_checkpoint
+from .model import detector_from_checkpoint, trained_categories
 
 log = get_logger("demo.predict")
 
@@ -138,7 +138,7 @@ def _predict(args: argparse.Namespace) -> list[dict]:
         raise FileNotFoundError(f"{' '.join(args.images)}: no images")
     device = select_device(args.device)
     ckpt = checkpoint.load(args.checkpoint_path)
-    categories = {int(k): v for k, v in ckpt.get("categories", ())}
+    categories = trained_categories(ckpt)
     model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, categories)
     model.to(device)
     configure_backends(device, fixed_shapes=False)
