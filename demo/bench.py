@@ -36,12 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision import models as tv_models
 from torchvision import transforms
 
+from moco import train as moco_train
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
-from moco.batchnorm import convert_split_batchnorm
-from moco.builder import MoCo
 from moco.data import UnlabeledImages, find_unlabeled_images
 from moco.images import load_rgb
 from moco.logger import get_logger, setup_logging
@@ -87,14 +85,14 @@ def rows(quick: bool, data: Path) -> list[Row]:
 # ---- the work of each row: build(variant, params, device) returns step(), which returns the items it processed
 
 def _moco_step(variant: str, p: dict, device: torch.device):
+    """moco.train's model at its single-process defaults ("ours": split BN), or with plain BN (--bn-splits 1)."""
     ours = variant.startswith("ours")
     amp_dtype = autocast_dtype(device) if ours else None
-    channels_last = ours and (device.type == "cuda" or amp_dtype is not None)  # moco.train's default
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = MoCo(tv_models.get_model_builder(p["arch"]), 128, p["K"], 0.999, 0.2, mlp=True)
-    if variant == "ours":
-        convert_split_batchnorm(model, 8)  # moco.train's single-process default
-    model = model.to(device, memory_format=memory_format)
+    memory_format = torch.channels_last if ours and moco_train.default_channels_last(device, amp_dtype) else (
+        torch.contiguous_format)
+    argv = ["-", "-a", p["arch"], "--moco-k", str(p["K"]), "--moco-t", "0.2", "--mlp"]
+    args = moco_train.get_parser().parse_args(argv + ([] if variant == "ours" else ["--bn-splits", "1"]))
+    model = moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     normalize = Normalize(memory_format=memory_format).to(device)
     images = torch.randint(0, 256, (2, p["batch"], 3, p["size"], p["size"]), dtype=torch.uint8)
