@@ -25,6 +25,7 @@ import torchvision.models as tv_models
 
 from moco import checkpoint
 from moco.logger import get_logger, setup_logging
+from moco.metrics import FILE, read_metrics
 from moco.probe import KnnProbe
 
 from .model import read_backbone
@@ -68,8 +69,7 @@ def fine_tune(args: argparse.Namespace, arch: str, init: str, seed: int) -> dict
             argv += ["--bp", args.bp] if init == "moco" else ["-a", arch]
         log.info("%s seed %d: stage %s", init, seed, stage)
         subprocess.run(argv, check=True)
-    records = [json.loads(line) for line in (out / "r3" / "metrics.jsonl").read_text().splitlines()]
-    return records[-1]["val"]
+    return read_metrics(out / "r3" / FILE)[-1]["val"]
 
 
 def random_backbone(arch: str, seed: int) -> torch.nn.Module:
