@@ -69,8 +69,12 @@ class Slow(torch.utils.data.Dataset):
 
 if __name__ == "__main__":
     preemption.install()
+    # Batches of plain ints (collate_fn=list): a tensor batch hands over its shared memory through a socket of the
+    # worker that made it, and reading a batch queued by a worker that is now dead fails with ConnectionResetError
+    # before torch's loader can see the death, in about 1 run in 7 under forkserver.
     loader = (DataLoader if sys.argv[2] == "guarded" else torch.utils.data.DataLoader)(
-        Slow(), batch_size=2, num_workers=2, multiprocessing_context=sys.argv[1], persistent_workers=True)
+        Slow(), batch_size=2, num_workers=2, multiprocessing_context=sys.argv[1], persistent_workers=True,
+        collate_fn=list)
     batches = iter(loader)
     print("workers", *(w.pid for w in multiprocessing.active_children()), flush=True)
     for step, batch in enumerate(batches):
