@@ -126,6 +126,9 @@ def get_parser() -> argparse.ArgumentParser:
     add_device_argument(p)
     unreadable.add_argument(p)
     p.add_argument("--val-batch-size", type=int, default=4, help="images per process in validation")
+    p.add_argument("--val-freq", type=int, default=1,
+                   help="validate every N epochs (counted from r1's start) and at the stage's last epoch; the epochs "
+                        "between keep their checkpoint_last and a record without 'val'")
     model = p.add_argument_group("model (r1 only; later stages take it from their checkpoint)")
     model.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
                        help=f"transfer protocol (see demo/recipe.py); r1's default: {DEFAULT_PROTOCOL}; r2 and r3: "
@@ -147,7 +150,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.val_freq < 1:
+        parser.error(f"--val-freq {args.val_freq}: at least 1")
     env = init_distributed(args.device)
     stage_dir = Path(args.output_dir) / args.stage
     lock = DirectoryLock(stage_dir)
@@ -363,6 +369,15 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
                  stats.get("loss", math.nan), stats["images_per_s"], metrics.stats["AP"], metrics.stats["AP50"],
                  " (best)" if is_best else "")
 
+    def not_validated(done: int, epoch_lr: float, stats: dict) -> None:
+        """Rank 0: an epoch that --val-freq passes over is finished without validation."""
+        nonlocal record
+        record = {"epoch": done, "stage": stage.name, "lr": epoch_lr, **stats}
+        checkpoint.save_atomic(state(done, 0, last_val), stage_dir / checkpoint.LAST)
+        metrics_writer.write(record)
+        log.info("epoch %d/%d done: loss %.4f, %.1f img/s (validation every %d epochs)", done, end_epoch,
+                 stats.get("loss", math.nan), stats["images_per_s"], args.val_freq)
+
     # Rank 0 alone saves, while the others wait for its outcome (runs.decided_by_rank0): a failed save stops them
     # too, where at a barrier they would wait out the collective timeout.
     for epoch in range(start_epoch, end_epoch):
@@ -386,6 +401,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
         if preemption.stop_requested(device):  # collective: rank 0's save above is done
             raise preemption.Preempted(steps_per_epoch)
         done = epoch + 1
+        if done % args.val_freq and done != end_epoch:
+            runs.decided_by_rank0(lambda: not_validated(done, epoch_lr, stats), device)
+            continue
         log.info("epoch %d/%d: validation on %d images", done, end_epoch, len(val_set))
         try:
             predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,

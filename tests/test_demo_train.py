@@ -288,3 +288,25 @@ def test_two_process_training_under_torchrun(chain, tmp_path, subprocess_env):
     record = metrics(run / "r2" / "metrics.jsonl")[-1]
     assert record["epoch"] == 9 and record["lr"] == pytest.approx(0.001)
     assert "on 2 process(es) [torchrun]" in (run / "r2" / "train.log").read_text()
+
+
+def test_val_freq_validates_every_nth_epoch_and_the_stages_last(tmp_path, monkeypatch, capsys):
+    from moco.tinyset import generate
+
+    root = generate(tmp_path / "tiny", unlabeled=0, train=8, val=4) / "labeled"
+    validations, validate = [], demo_train.predict
+    monkeypatch.setattr(demo_train, "predict", lambda *a, **k: validations.append(1) or validate(*a, **k))
+    run = tmp_path / "fpn"
+    r1 = ["--stage", "r1", "--dataset-root", str(root), "--output-dir", str(run), *SMALL, "-a", "resnet18",
+          "--val-freq", "2"]
+    demo_train.main([*r1, "--epochs", "3"])
+    records = metrics(run / "r1" / "metrics.jsonl")
+    assert [(m["epoch"], "val" in m) for m in records] == [(1, False), (2, True), (3, True)]  # 3: the stage's end
+    assert len(validations) == 2 and math.isfinite(records[0]["loss"])
+    ckpt = checkpoint.load(run / "r1" / checkpoint.LAST)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["val"]) == (3, 0, records[2]["val"])
+    demo_train.main([*r1, "--epochs", "4"])  # continued: epoch 4 is this run's end
+    assert [("val" in m) for m in metrics(run / "r1" / "metrics.jsonl")] == [False, True, True, True]
+    with pytest.raises(SystemExit) as refused:
+        demo_train.main([*r1, "--val-freq", "0"])
+    assert refused.value.code == 2 and "--val-freq 0: at least 1" in capsys.readouterr().err
