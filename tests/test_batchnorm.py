@@ -10,10 +10,10 @@ from moco.batchnorm import SplitBatchNorm2d, convert_split_batchnorm
 def test_training_statistics_are_per_sub_batch():
     torch.manual_seed(0)
     bn = SplitBatchNorm2d(3, num_splits=2)
-    # Two sub-batches with very different statistics: full-batch BN would mix them.
-    x = torch.cat([torch.randn(4, 3, 5, 5) * 2 + 5, torch.randn(4, 3, 5, 5) * 0.5 - 3])
+    # Two sub-batches, the even and the odd images, with very different statistics: full-batch BN would mix them.
+    x = torch.stack([torch.randn(4, 3, 5, 5) * 2 + 5, torch.randn(4, 3, 5, 5) * 0.5 - 3], dim=1).flatten(0, 1)
     y = bn(x)
-    for chunk_in, chunk_out in zip(x.chunk(2), y.chunk(2)):
+    for chunk_in, chunk_out in ((x[k::2], y[k::2]) for k in range(2)):
         mean = chunk_in.mean(dim=(0, 2, 3), keepdim=True)
         var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         assert torch.allclose(chunk_out, (chunk_in - mean) / torch.sqrt(var + bn.eps), atol=1e-4)
@@ -26,10 +26,10 @@ def test_training_statistics_are_per_sub_batch():
 def test_running_statistics_average_the_sub_batches():
     torch.manual_seed(0)
     bn = SplitBatchNorm2d(2, num_splits=2, momentum=0.5)
-    x = torch.cat([torch.randn(3, 2, 4, 4) + 2, torch.randn(3, 2, 4, 4) - 4])
+    x = torch.stack([torch.randn(3, 2, 4, 4) + 2, torch.randn(3, 2, 4, 4) - 4], dim=1).flatten(0, 1)
     bn(x)
-    chunk_means = torch.stack([c.mean(dim=(0, 2, 3)) for c in x.chunk(2)])
-    chunk_vars = torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in x.chunk(2)])
+    chunk_means = torch.stack([x[k::2].mean(dim=(0, 2, 3)) for k in range(2)])
+    chunk_vars = torch.stack([x[k::2].var(dim=(0, 2, 3), unbiased=True) for k in range(2)])
     assert torch.allclose(bn.running_mean, 0.5 * torch.zeros(2) + 0.5 * chunk_means.mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, 0.5 * torch.ones(2) + 0.5 * chunk_vars.mean(0), atol=1e-5)
     assert int(bn.num_batches_tracked) == 1
@@ -69,7 +69,8 @@ def test_sub_batches_use_the_layers_eps_and_name_the_batch_size():
     torch.manual_seed(0)
     bn = SplitBatchNorm2d(2, num_splits=2, eps=0.5)
     x = torch.randn(4, 2, 3, 3)
-    for chunk_in, chunk_out in zip(x.chunk(2), bn(x).chunk(2)):
+    y = bn(x)
+    for chunk_in, chunk_out in ((x[k::2], y[k::2]) for k in range(2)):
         var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         assert torch.allclose(chunk_out, (chunk_in - chunk_in.mean(dim=(0, 2, 3), keepdim=True)) / (var + 0.5).sqrt(),
                               atol=1e-5)
@@ -87,14 +88,16 @@ def test_conversion_keeps_eps_momentum_affine_and_device():
 
 
 def _per_sub_batch(bn: nn.BatchNorm2d, x: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, ...]:
-    """The definition: F.batch_norm on each sub-batch alone, running statistics averaged over the sub-batches."""
+    """The definition: F.batch_norm on each sub-batch ``x[k::num_splits]`` alone, running statistics averaged over
+    the sub-batches."""
     outputs, means, variances = [], [], []
-    for chunk in x.chunk(num_splits):
+    for k in range(num_splits):
         mean, var = bn.running_mean.clone(), bn.running_var.clone()
-        outputs.append(F.batch_norm(chunk, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
+        outputs.append(F.batch_norm(x[k::num_splits], mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
         means.append(mean)
         variances.append(var)
-    return torch.cat(outputs), torch.stack(means).mean(0), torch.stack(variances).mean(0)
+    y = torch.stack(outputs, dim=1).flatten(0, 1)  # back to the images' order
+    return y, torch.stack(means).mean(0), torch.stack(variances).mean(0)
 
 
 @pytest.mark.parametrize("affine", [True, False])

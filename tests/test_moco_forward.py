@@ -38,8 +38,8 @@ def test_forward_updates_the_key_encoder_then_keys_it_with_shuffled_split_bn():
     torch.manual_seed(1)
     im_q, im_k = torch.randn(N, 3, 8, 8), torch.randn(N, 3, 8, 8)
     perm = _permutation(7)
-    half = N // SPLITS
-    assert set(perm[:half].tolist()) != set(range(half))  # the shuffle moves images across BN sub-batches
+    # Sub-batch k is positions k, k + SPLITS, ...: the shuffle moves images across BN sub-batches.
+    assert set(perm[::SPLITS].tolist()) != set(range(0, N, SPLITS))
 
     # Expected key encoder: m * k + (1 - m) * q, parameter by parameter, before the keys are computed.
     expected_k = copy.deepcopy(model.encoder_k)
@@ -73,18 +73,17 @@ def test_a_keys_batch_statistics_come_from_another_sub_batch_than_its_querys():
     model(im, im)
     key = model.queue[:, :N].T
     perm = _permutation(7)
-    # Image i went to position j = where(perm == i); its sub-batch holds the images perm[block of j].
+    # Image i went to position j = where(perm == i); its sub-batch holds the images perm[j % SPLITS::SPLITS].
     encoder_k = copy.deepcopy(model.encoder_k)  # already updated by the forward
     for bn in encoder_k.modules():  # fed one sub-batch at a time below: plain batch statistics over it
         if isinstance(bn, SplitBatchNorm2d):
             bn.num_splits = 1
-    half = N // SPLITS
     with torch.no_grad():
         moved = 0
         for i in range(N):
             j = int((perm == i).nonzero())
-            block = perm[j // half * half:(j // half + 1) * half]
-            own = list(range(i // half * half, (i // half + 1) * half))
+            block = perm[j % SPLITS::SPLITS]
+            own = list(range(i % SPLITS, N, SPLITS))
             from_block = F.normalize(encoder_k(im[block]), dim=1)[int((block == i).nonzero())]
             assert torch.allclose(key[i], from_block, atol=1e-5)
             if sorted(block.tolist()) != own:
