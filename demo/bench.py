@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
+from torchvision.datasets.folder import pil_loader
 
 from moco import train as moco_train
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
@@ -44,6 +45,7 @@ from moco.data import UnlabeledImages, find_unlabeled_images
 from moco.images import load_rgb
 from moco.logger import get_logger, setup_logging
 from moco.precision import autocast_dtype, optimizer_step
+from moco.unreadable import UnreadableFiles
 
 from . import coco_eval
 from .model import DetectorConfig, build_detector
@@ -70,11 +72,15 @@ def rows(quick: bool, data: Path) -> list[Row]:
     detector, size, rois = ("resnet18", 64, 16) if quick else ("resnet50", 800, 512)  # 512: torchvision's
     images, classes, detections = (50, 10, 20) if quick else (20000, 100, 50)
     pair = ("original", "ours")
+    epoch = dict(arch="resnet18", size=32, batch=16, K=64, images=32) if quick else dict(
+        arch="resnet18", size=64, batch=64, K=512, images=640)  # the demo's model; 10 of its 47 steps an epoch
     return [
         *(Row(f"MoCo step, {arch}, {px} px, batch {batch}", "moco", ("original", "ours, --bn-splits 1", "ours"),
               dict(arch=arch, size=px, batch=batch, K=K)) for arch, px, batch, K in moco_cases),
         Row(f"input pipeline, PNG + two aug+ views at {32 if quick else 224}", "pipeline", pair,
             dict(data=str(data), size=32 if quick else 224)),
+        Row(f"pretraining epoch, {epoch['images']} PNGs, {epoch['arch']}, {epoch['size']} px, "
+            f"batch {epoch['batch']}, 1 worker", "epoch", pair, dict(data=str(data), workers=1, **epoch)),
         *(Row(f"detection {'train step' if train else 'inference'}, {detector}, 2 images at {size}", "detection",
               pair, dict(arch=detector, size=size, rois=rois, train=train)) for train in (True, False)),
         Row(f"COCO evaluation, {images:,} images x {classes} classes", "coco", ("pycocotools", "faster"),
@@ -138,6 +144,65 @@ def _pipeline(variant: str, p: dict, device: torch.device):
             two_crops(load_rgb(paths[next(position) % len(paths)]))
             return 1
     step.repeat = 16  # images per timed step
+    return step
+
+
+class _OriginalImages(torch.utils.data.Dataset):
+    """facebookresearch/moco's training set: ImageFolder's PIL loader, aug+ to normalised floats per view."""
+
+    def __init__(self, paths: list, size: int):
+        self.paths, self.transform = paths, TwoCropsTransform(original_augmentation(size))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(pil_loader(self.paths[i])), 0
+
+
+def _epoch(variant: str, p: dict, device: torch.device):
+    """A pretraining epoch over the first ``images`` PNGs, loader and model together. "ours": moco.train's loader
+    and training loop at its defaults (split BN, the device's precision). "original": facebookresearch/moco's loop
+    (torch's DataLoader, its workers started every epoch, float views; fp32 and plain BN; the loss and top-1/top-5
+    read to the host every step)."""
+    paths = find_unlabeled_images(p["data"])[:p["images"]]
+    argv = ["-", "-a", p["arch"], "--image-size", str(p["size"]), "-b", str(p["batch"]), "--moco-k", str(p["K"]),
+            "--mlp", "--aug-plus", "-j", str(p["workers"]), "-p", "0"]
+    args = moco_train.get_parser().parse_args(argv + ([] if variant == "ours" else ["--bn-splits", "1"]))
+    amp_dtype = autocast_dtype(device) if variant == "ours" else None
+    memory_format = torch.channels_last if variant == "ours" and moco_train.default_channels_last(
+        device, amp_dtype) else torch.contiguous_format
+    model = moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    epochs = iter(range(10**9))
+    if variant == "ours":
+        loader, sampler = moco_train.build_loader(args, paths, 0, 1, device)
+        normalize = Normalize(memory_format=memory_format).to(device)
+        unreadable_files = UnreadableFiles(args.max_unreadable, device)
+
+        def step() -> int:
+            epoch = next(epochs)
+            sampler.set_epoch(epoch)
+            moco_train.train_one_epoch(model, loader, normalize, optimizer, None, amp_dtype, epoch, args, device, 1,
+                                       unreadable_files)
+            return len(loader) * args.batch_size
+    else:
+        loader = torch.utils.data.DataLoader(_OriginalImages(paths, p["size"]), batch_size=args.batch_size,
+                                             shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda",
+                                             drop_last=True)
+
+        def step() -> int:
+            seen = 0
+            for (im_q, im_k), _ in loader:
+                logits, labels = model(im_q.to(device), im_k.to(device))
+                loss = F.cross_entropy(logits, labels)
+                top5 = logits.topk(5, dim=1).indices == labels[:, None]
+                loss.item(), top5[:, 0].float().mean().item(), top5.any(1).float().mean().item()  # its meters
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                seen += labels.shape[0]
+            return seen
     return step
 
 
@@ -224,7 +289,7 @@ def _coco(variant: str, p: dict, device: torch.device):
     return step
 
 
-BUILDERS = {"moco": _moco_step, "pipeline": _pipeline, "detection": _detection, "coco": _coco}
+BUILDERS = {"moco": _moco_step, "pipeline": _pipeline, "epoch": _epoch, "detection": _detection, "coco": _coco}
 
 
 def _count_flops(step) -> float:
@@ -277,26 +342,41 @@ def _variant_process(conn, row: Row, variant: str, device_name: str) -> None:
     conn.send(_peak_memory(device))
 
 
+def _receive(process, conn, what: str):
+    """The variant process's next message; its death (its traceback is on stderr) is an error, not a hang."""
+    while not conn.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"bench: the process of {what} died (exit code {process.exitcode}); see its traceback "
+                               f"above")
+    return conn.recv()
+
+
 def measure(row: Row, rounds: int, device: torch.device) -> dict:
     context = multiprocessing.get_context("spawn")
     workers = {}
-    for variant in row.variants:
-        parent, child = context.Pipe()
-        process = context.Process(target=_variant_process, args=(child, row, variant, str(device)), daemon=True)
-        process.start()
-        workers[variant] = (process, parent, parent.recv())
-    samples = {v: [] for v in row.variants}
-    stats = {}
-    for _ in range(rounds):  # interleaved: a slow spell of the machine falls on every variant alike
-        for variant, (_, conn, _) in workers.items():
-            conn.send(True)
-            items, seconds, stats[variant] = conn.recv()
-            samples[variant].append(items / seconds if row.unit == "img/s" else seconds)
-    infos = {}
-    for variant, (process, conn, info) in workers.items():
-        conn.send(False)
-        infos[variant] = {**info, "peak_memory_bytes": conn.recv()}
-        process.join()
+    try:
+        for variant in row.variants:
+            parent, child = context.Pipe()
+            # Not daemonic: a variant may start data-loading workers of its own.
+            process = context.Process(target=_variant_process, args=(child, row, variant, str(device)))
+            process.start()
+            workers[variant] = (process, parent, _receive(process, parent, f"{row.name}, {variant}"))
+        samples = {v: [] for v in row.variants}
+        stats = {}
+        for _ in range(rounds):  # interleaved: a slow spell of the machine falls on every variant alike
+            for variant, (process, conn, _) in workers.items():
+                conn.send(True)
+                items, seconds, stats[variant] = _receive(process, conn, f"{row.name}, {variant}")
+                samples[variant].append(items / seconds if row.unit == "img/s" else seconds)
+        infos = {}
+        for variant, (process, conn, info) in workers.items():
+            conn.send(False)
+            infos[variant] = {**info, "peak_memory_bytes": _receive(process, conn, f"{row.name}, {variant}")}
+            process.join()
+    finally:
+        for process, _, _ in workers.values():
+            if process.is_alive():
+                process.terminate()
     return summarise(row, samples, infos, stats)
 
 

@@ -187,6 +187,17 @@ def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
     return model
 
 
+def build_loader(args: argparse.Namespace, paths: list, rank: int, world_size: int,
+                 device: torch.device) -> tuple[DataLoader, EpochSampler]:
+    """This rank's loader of two aug+ views an image, uint8, in batches of --batch-size / world size."""
+    dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed,
+                              args.max_unreadable)
+    sampler = EpochSampler(len(dataset), rank, world_size, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler, num_workers=args.workers,
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    return loader, sampler
+
+
 def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
                     world_size: int, unreadable_files: UnreadableFiles, first_step: int = 0) -> dict:
     """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop and
@@ -311,13 +322,7 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    dataset = UnlabeledImages(paths, TwoCropsTransform(moco_augmentation(args.image_size, args.aug_plus)), args.seed,
-                              args.max_unreadable)
-    sampler = EpochSampler(len(dataset), env.rank, env.world_size, args.seed)
-    loader = DataLoader(
-        dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-    )
+    loader, sampler = build_loader(args, paths, env.rank, env.world_size, device)
     normalize = Normalize(memory_format=memory_format).to(device)
     unreadable_files = UnreadableFiles(args.max_unreadable, device)
     log.info("%d images in %s; %d steps an epoch of %d images", len(paths), paths[0].parent, len(loader),

@@ -42,6 +42,12 @@ def test_measure_runs_each_variant_in_its_own_process_and_compares_coco_stats():
     assert "COCO evaluation" in table and "1.00x" in table
 
 
+def test_a_variant_process_that_dies_is_an_error_naming_it():
+    row = bench.Row("MoCo step", "moco", ("original",), dict(arch="no_such_resnet", size=8, batch=2, K=4))
+    with pytest.raises(RuntimeError, match="the process of MoCo step, original died"):
+        bench.measure(row, rounds=1, device=bench.torch.device("cpu"))
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_every_row(tmp_path, tiny_data):
     results = bench.main(["--quick", "--rounds", "1", "--output-dir", str(tmp_path),
