@@ -24,9 +24,10 @@ METHODS = ["fork", "forkserver"]
 
 
 def _kill(pids, *signals):
-    for pid in pids:
-        for sig in signals:
-            subprocess.run(["kill", "-s", sig, str(pid)], check=True)
+    """Each signal to all ``pids`` from one kill(1): a worker that dies of the first makes torch's loader end
+    the others at once, before a second kill(1) could reach them."""
+    for sig in signals:
+        subprocess.run(["kill", "-s", sig, *map(str, pids)], check=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
