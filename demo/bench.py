@@ -90,15 +90,22 @@ def rows(quick: bool, data: Path) -> list[Row]:
 
 # ---- the work of each row: build(variant, params, device) returns step(), which returns the items it processed
 
-def _moco_step(variant: str, p: dict, device: torch.device):
-    """moco.train's model at its single-process defaults ("ours": split BN), or with plain BN (--bn-splits 1)."""
+def _moco_model(variant: str, p: dict, device: torch.device, *flags: str):
+    """moco.train's arguments and model for a variant: "ours" at moco.train's single-process defaults (split BN, the
+    device's precision and memory format), "ours, --bn-splits 1" with plain BN, "original" in fp32, contiguous,
+    with plain BN. Returns (args, model, autocast dtype or None, memory format)."""
     ours = variant.startswith("ours")
     amp_dtype = autocast_dtype(device) if ours else None
     memory_format = torch.channels_last if ours and moco_train.default_channels_last(device, amp_dtype) else (
         torch.contiguous_format)
-    argv = ["-", "-a", p["arch"], "--moco-k", str(p["K"]), "--moco-t", "0.2", "--mlp"]
+    argv = ["-", "-a", p["arch"], "--moco-k", str(p["K"]), "--mlp", *flags]
     args = moco_train.get_parser().parse_args(argv + ([] if variant == "ours" else ["--bn-splits", "1"]))
-    model = moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format)
+    return args, moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format), amp_dtype, (
+        memory_format)
+
+
+def _moco_step(variant: str, p: dict, device: torch.device):
+    _, model, amp_dtype, memory_format = _moco_model(variant, p, device, "--moco-t", "0.2")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     normalize = Normalize(memory_format=memory_format).to(device)
     images = torch.randint(0, 256, (2, p["batch"], 3, p["size"], p["size"]), dtype=torch.uint8)
@@ -166,13 +173,9 @@ def _epoch(variant: str, p: dict, device: torch.device):
     (torch's DataLoader, its workers started every epoch, float views; fp32 and plain BN; the loss and top-1/top-5
     read to the host every step)."""
     paths = find_unlabeled_images(p["data"])[:p["images"]]
-    argv = ["-", "-a", p["arch"], "--image-size", str(p["size"]), "-b", str(p["batch"]), "--moco-k", str(p["K"]),
-            "--mlp", "--aug-plus", "-j", str(p["workers"]), "-p", "0"]
-    args = moco_train.get_parser().parse_args(argv + ([] if variant == "ours" else ["--bn-splits", "1"]))
-    amp_dtype = autocast_dtype(device) if variant == "ours" else None
-    memory_format = torch.channels_last if variant == "ours" and moco_train.default_channels_last(
-        device, amp_dtype) else torch.contiguous_format
-    model = moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format)
+    args, model, amp_dtype, memory_format = _moco_model(variant, p, device, "--image-size", str(p["size"]), "-b",
+                                                        str(p["batch"]), "--aug-plus", "-j", str(p["workers"]), "-p",
+                                                        "0")
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     epochs = iter(range(10**9))
     if variant == "ours":
