@@ -1,9 +1,10 @@
 """Where a training epoch stands: a line redrawn in place on an interactive terminal, log lines elsewhere.
 
 On a terminal (stdout, where the log's console lines go, a TTY), rank 0 redraws one line a few times a second:
-step/steps, images/s, time left, and the loss of the last --print-freq step. A Slurm log or a pipe would fill up with the redrawn lines, so there the
---print-freq log lines stay the only ones, as before. Both trainers log those lines through here either way; on a
-terminal they go to train.log only (see moco.logger), where the redrawn line stands in for them.
+step/steps, images/s, time left, and the loss of the last --print-freq step. A Slurm log or a pipe would fill up
+with the redrawn lines, so there the --print-freq log lines stay the only ones, as before. Both trainers log those
+lines through here either way; on a terminal they go to train.log only (see moco.logger), where the redrawn line
+stands in for them.
 """
 from __future__ import annotations
 
