@@ -17,7 +17,11 @@ device and versions, to ``<output-dir>/bench.json``.
 
 MoCo rows also give the share of the machine's matrix-multiply peak the step reaches: the step's FLOPs (counted by
 torch's FlopCounterMode) per second over a large matmul's FLOPs per second, both measured in this run, in the
-step's dtype and in bf16.
+step's dtype and in bf16. Each variant's first step (its warm-up) is timed apart from the rounds.
+
+``--only compile`` adds a row no other run includes: the demo's MoCo step as "ours", eager against the same model
+with both encoders under ``torch.compile``; its warm-up is the compilation. (No option of the trainer compiles:
+on the CPUs measured the compiled step was slower, after minutes of compiling; see the README's Performance.)
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Row:
     kind: str  # which builder makes its work: a key of BUILDERS
     variants: tuple[str, ...]  # the first is the baseline
     params: dict = field(default_factory=dict)
+    on_request: bool = False  # run only when --only names its kind (it takes minutes that no ratio goal needs)
 
     @property
     def unit(self) -> str:  # throughput for steps over images; seconds for a whole evaluation
@@ -69,6 +74,7 @@ class Row:
 def rows(quick: bool, data: Path) -> list[Row]:
     """The benchmark; ``quick`` shrinks every row to seconds (the tests' size), keeping its code path."""
     moco_cases = [("resnet18", 32, 16, 64)] if quick else [("resnet18", 64, 64, 4096), ("resnet50", 224, 32, 4096)]
+    arch, px, batch, K = moco_cases[0]  # the demo's MoCo step, for torch.compile
     detector, size, rois = ("resnet18", 64, 16) if quick else ("resnet50", 800, 512)  # 512: torchvision's
     images, classes, detections = (50, 10, 20) if quick else (20000, 100, 50)
     pair = ("original", "ours")
@@ -85,6 +91,8 @@ def rows(quick: bool, data: Path) -> list[Row]:
               pair, dict(arch=detector, size=size, rois=rois, train=train)) for train in (True, False)),
         Row(f"COCO evaluation, {images:,} images x {classes} classes", "coco", ("pycocotools", "faster"),
             dict(images=images, classes=classes, detections=detections)),
+        Row(f"MoCo step, {arch}, {px} px, batch {batch}, torch.compile", "compile", ("ours", "ours, torch.compile"),
+            dict(arch=arch, size=px, batch=batch, K=K), on_request=True),
     ]
 
 
@@ -105,7 +113,11 @@ def _moco_model(variant: str, p: dict, device: torch.device, *flags: str):
 
 
 def _moco_step(variant: str, p: dict, device: torch.device):
-    _, model, amp_dtype, memory_format = _moco_model(variant, p, device, "--moco-t", "0.2")
+    compiled = variant.endswith("torch.compile")
+    _, model, amp_dtype, memory_format = _moco_model("ours" if compiled else variant, p, device, "--moco-t", "0.2")
+    if compiled:  # in place, so parameter names (and checkpoints) stay those of the eager model
+        model.encoder_q.compile()
+        model.encoder_k.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     normalize = Normalize(memory_format=memory_format).to(device)
     images = torch.randint(0, 256, (2, p["batch"], 3, p["size"], p["size"]), dtype=torch.uint8)
@@ -117,7 +129,8 @@ def _moco_step(variant: str, p: dict, device: torch.device):
         optimizer_step(F.cross_entropy(logits, labels), optimizer, None)
         return p["batch"]
 
-    step.flops = lambda: _count_flops(step)
+    if not compiled:  # FlopCounterMode around the first call would be traced into the compiled graph
+        step.flops = lambda: _count_flops(step)
     step.dtype = amp_dtype or torch.float32
     return step
 
@@ -292,7 +305,8 @@ def _coco(variant: str, p: dict, device: torch.device):
     return step
 
 
-BUILDERS = {"moco": _moco_step, "pipeline": _pipeline, "epoch": _epoch, "detection": _detection, "coco": _coco}
+BUILDERS = {"moco": _moco_step, "compile": _moco_step, "pipeline": _pipeline, "epoch": _epoch,
+            "detection": _detection, "coco": _coco}
 
 
 def _count_flops(step) -> float:
@@ -331,9 +345,12 @@ def _variant_process(conn, row: Row, variant: str, device_name: str) -> None:
     torch.manual_seed(0)
     step = BUILDERS[row.kind](variant, row.params, device)
     repeat = getattr(step, "repeat", 1)
+    start = time.perf_counter()
     info = {"flops": step.flops() if hasattr(step, "flops") else None}  # also the warm-up
     if info["flops"] is None and row.kind != "coco":  # an evaluation has nothing to warm up, and takes minutes
         step()
+    if row.kind != "coco":
+        info["warmup_s"] = time.perf_counter() - start  # a first step: torch.compile's compilation shows here
     info["dtype"] = str(getattr(step, "dtype", "")).replace("torch.", "")
     conn.send(info)
     while conn.recv():
@@ -407,12 +424,14 @@ def peak_shares(result: dict, peaks: dict[str, float]) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'row':<52} {'variant':<20} {'median':>14} {'ratio':>5} {'peak mem':>9} {'of peak (bf16)':>15}"]
+    lines = [f"{'row':<52} {'variant':<20} {'median':>14} {'ratio':>5} {'peak mem':>9} {'of peak (bf16)':>15} "
+             f"{'warm-up':>8}"]
     for r in results:
         for i, (name, v) in enumerate(r["variants"].items()):
             share = f"{100 * v['peak_share']:.0f}% ({100 * v['bf16_peak_share']:.0f}%)" if "peak_share" in v else ""
+            warmup = f"{v['warmup_s']:.1f}s" if "warmup_s" in v else ""
             lines.append(f"{r['row'] if i == 0 else '':<52} {name:<20} {v['median']:>8.3g} {r['unit']:<5}"
-                         f"{v['ratio']:>5.2f}x {v['peak_memory_bytes'] / 2**30:>7.2f}G {share:>15}")
+                         f"{v['ratio']:>5.2f}x {v['peak_memory_bytes'] / 2**30:>7.2f}G {share:>15} {warmup:>8}")
         if r.get("stats_max_difference") is not None:
             lines.append(f"{'':<52} stats: largest difference {r['stats_max_difference']:.1g}")
     return "\n".join(lines)
@@ -451,7 +470,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for row in [r for r in rows(args.quick, Path(args.data)) if not args.only or r.kind in args.only]:
+    chosen = [r for r in rows(args.quick, Path(args.data)) if (r.kind in args.only if args.only else not r.on_request)]
+    for row in chosen:
         rounds = 1 if row.kind == "coco" and not args.quick else args.rounds  # pycocotools takes minutes there
         result = measure(row, rounds, device)
         peak_shares(result, peaks)

@@ -48,13 +48,27 @@ def test_a_variant_process_that_dies_is_an_error_naming_it():
         bench.measure(row, rounds=1, device=bench.torch.device("cpu"))
 
 
+def test_the_compile_row_runs_only_when_asked_for(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, seconds: 1.0)
+    monkeypatch.setattr(bench, "measure", lambda row, rounds, device: ran.append(row.kind) or {
+        "row": row.name, "unit": row.unit, "params": row.params, "variants": {}})
+    bench.main(["--quick", "--output-dir", str(tmp_path)])
+    assert "compile" not in ran and {"moco", "epoch", "coco"} <= set(ran)
+    ran.clear()
+    bench.main(["--quick", "--only", "compile", "--output-dir", str(tmp_path)])
+    assert ran == ["compile"]
+    compiled = next(r for r in bench.rows(False, tmp_path) if r.kind == "compile")
+    assert compiled.variants == ("ours", "ours, torch.compile") and compiled.params["arch"] == "resnet18"
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_every_row(tmp_path, tiny_data):
     results = bench.main(["--quick", "--rounds", "1", "--output-dir", str(tmp_path),
                           "--data", str(tiny_data / "train")])
     written = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["row"] for r in written["rows"]] == [r.name for r in bench.rows(True, tiny_data)]
+    assert [r["row"] for r in written["rows"]] == [r.name for r in bench.rows(True, tiny_data) if not r.on_request]
     assert written["machine"]["device"] == "cpu" and written["matmul_peak_flops"]["float32"] > 0
     moco = written["rows"][0]["variants"]
-    assert all(v["flops"] > 0 and 0 < v["peak_share"] for v in moco.values())
+    assert all(v["flops"] > 0 and 0 < v["peak_share"] and v["warmup_s"] > 0 for v in moco.values())
     assert all(np.isfinite(v["ratio"]) for r in results for v in r["variants"].values())
