@@ -52,6 +52,7 @@ from moco.precision import autocast_dtype, optimizer_step
 from moco.unreadable import UnreadableFiles
 
 from . import coco_eval
+from .inference import for_inference
 from .model import DetectorConfig, build_detector
 from .recipe import DEFAULT_PROTOCOL, PROTOCOLS, multiscale_sizes
 
@@ -253,6 +254,8 @@ def _detection(variant: str, p: dict, device: torch.device):
                         "labels": torch.randint(1, 91, (6,), generator=generator).to(device)})
     optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.001, momentum=0.9)
     model.train(p["train"])
+    if variant == "ours" and not p["train"]:  # as demo.evaluate, demo.predict and validation run it
+        model = for_inference(model)
 
     def step() -> int:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -35,6 +35,7 @@ from moco.workers import original_message
 from . import coco_eval, draw, lineage
 from .datasets import load_split
 from .engine import predict
+from .inference import for_inference
 from .model import detector_from_checkpoint
 
 log = get_logger("demo.evaluate")
@@ -81,7 +82,7 @@ def _evaluate(args: argparse.Namespace, env) -> coco_eval.CocoMetrics | None:
     ckpt = checkpoint.load(args.checkpoint_path)
     dataset = load_split(args.dataset_root, args.dataset_split)
     model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, dataset.categories)
-    model.to(env.device)
+    model = for_inference(model).to(env.device)
     configure_backends(env.device, fixed_shapes=False)
     amp_dtype = autocast_dtype(env.device, args.precision, inference=True)
     log.info("%s (stage %s, epoch %d, run %s) on %s: %d images, %d process(es), %s, precision %s",

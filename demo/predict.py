@@ -33,6 +33,7 @@ from moco.unreadable import EXIT_DATAERR
 from . import coco_eval, draw
 from .datasets import label_to_category
 from .engine import predict
+from .inference import for_inference
 from .model import detector_from_checkpoint, trained_categories
 
 log = get_logger("demo.predict")
@@ -140,7 +141,7 @@ def _predict(args: argparse.Namespace) -> list[dict]:
     ckpt = checkpoint.load(args.checkpoint_path)
     categories = trained_categories(ckpt)
     model, _ = detector_from_checkpoint(ckpt, args.checkpoint_path, categories)
-    model.to(device)
+    model = for_inference(model).to(device)
     configure_backends(device, fixed_shapes=False)
     amp_dtype = autocast_dtype(device, args.precision, inference=True)
     log.info("%s (stage %s, epoch %s): %d images, %s, precision %s", args.checkpoint_path, ckpt.get("stage"),

@@ -78,6 +78,7 @@ from moco.workers import DataLoader
 from . import coco_eval, lineage
 from .datasets import ReplacingUnreadable, collate, load_split
 from .engine import predict, train_one_epoch
+from .inference import for_inference
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
 from .recipe import (DEFAULT_PROTOCOL, PROTOCOLS, STAGES, UNRECORDED_PROTOCOL, Protocol, multiscale_sizes, scaled_lr,
                      warmup_factor)
@@ -406,8 +407,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
             continue
         log.info("epoch %d/%d: validation on %d images", done, end_epoch, len(val_set))
         try:
-            predictions = predict(model, val_set, device, val_dtype, args.val_batch_size, args.workers, env.rank,
-                                  env.world_size)
+            predictions = predict(for_inference(model), val_set, device, val_dtype, args.val_batch_size,
+                                  args.workers, env.rank, env.world_size)
         except preemption.Preempted as stop:  # the resumed run redoes this validation only
             raise preemption.Preempted(steps_per_epoch) from stop
         runs.decided_by_rank0(lambda: validated(done, epoch_lr, stats, predictions), device)
