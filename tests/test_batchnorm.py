@@ -87,16 +87,24 @@ def test_conversion_keeps_eps_momentum_affine_and_device():
     assert isinstance(on_meta[0], SplitBatchNorm2d) and on_meta[0].weight.device.type == "meta"
 
 
+def _blocks(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def sub_batches(x: torch.Tensor, num_splits: int) -> list[torch.Tensor]:
+    """The definition: sub-batch k is ``x[k::num_splits]`` in NCHW and the k-th contiguous block in NHWC."""
+    return list(x.chunk(num_splits)) if _blocks(x) else [x[k::num_splits] for k in range(num_splits)]
+
+
 def _per_sub_batch(bn: nn.BatchNorm2d, x: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, ...]:
-    """The definition: F.batch_norm on each sub-batch ``x[k::num_splits]`` alone, running statistics averaged over
-    the sub-batches."""
+    """F.batch_norm on each sub-batch alone, running statistics averaged over the sub-batches."""
     outputs, means, variances = [], [], []
-    for k in range(num_splits):
+    for part in sub_batches(x, num_splits):
         mean, var = bn.running_mean.clone(), bn.running_var.clone()
-        outputs.append(F.batch_norm(x[k::num_splits], mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
+        outputs.append(F.batch_norm(part, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
         means.append(mean)
         variances.append(var)
-    y = torch.stack(outputs, dim=1).flatten(0, 1)  # back to the images' order
+    y = torch.cat(outputs) if _blocks(x) else torch.stack(outputs, dim=1).flatten(0, 1)  # the images' order
     return y, torch.stack(means).mean(0), torch.stack(variances).mean(0)
 
 

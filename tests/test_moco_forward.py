@@ -6,6 +6,7 @@ encoder, or leaves out the batch shuffle gives other keys and fails.
 """
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,17 +64,28 @@ def test_forward_updates_the_key_encoder_then_keys_it_with_shuffled_split_bn():
     assert labels.tolist() == [0] * N
 
 
-def test_a_keys_batch_statistics_come_from_another_sub_batch_than_its_querys():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_keys_batch_statistics_come_from_another_sub_batch_than_its_querys(channels_last):
     """The shortcut shuffle-BN closes: without the shuffle, image i's key would be normalised together with the
-    same images as its query, and the positive could be found by batch statistics alone."""
+    same images as its query, and the positive could be found by batch statistics alone. Sub-batches are
+    positions k, k + SPLITS, ... in NCHW and contiguous blocks in NHWC (see moco.batchnorm)."""
     model = _moco_with_split_bn()
     torch.manual_seed(2)
     im = torch.randn(N, 3, 8, 8)
+    if channels_last:
+        model, im = model.to(memory_format=torch.channels_last), im.contiguous(memory_format=torch.channels_last)
     model.shuffle_generator.manual_seed(7)
     model(im, im)
     key = model.queue[:, :N].T
     perm = _permutation(7)
-    # Image i went to position j = where(perm == i); its sub-batch holds the images perm[j % SPLITS::SPLITS].
+
+    def sub_batch(order: torch.Tensor, position: int) -> torch.Tensor:
+        if channels_last:
+            block = N // SPLITS
+            return order[position // block * block:(position // block + 1) * block]
+        return order[position % SPLITS::SPLITS]
+
+    # Image i went to position j = where(perm == i); its sub-batch holds the images sub_batch(perm, j).
     encoder_k = copy.deepcopy(model.encoder_k)  # already updated by the forward
     for bn in encoder_k.modules():  # fed one sub-batch at a time below: plain batch statistics over it
         if isinstance(bn, SplitBatchNorm2d):
@@ -82,8 +94,8 @@ def test_a_keys_batch_statistics_come_from_another_sub_batch_than_its_querys():
         moved = 0
         for i in range(N):
             j = int((perm == i).nonzero())
-            block = perm[j % SPLITS::SPLITS]
-            own = list(range(i % SPLITS, N, SPLITS))
+            block = sub_batch(perm, j)
+            own = sub_batch(torch.arange(N), i).tolist()
             from_block = F.normalize(encoder_k(im[block]), dim=1)[int((block == i).nonzero())]
             assert torch.allclose(key[i], from_block, atol=1e-5)
             if sorted(block.tolist()) != own:
