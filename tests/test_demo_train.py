@@ -248,9 +248,11 @@ def test_evaluation_precision_does_not_move_the_ap(chain, tmp_path):
 
 
 def test_fine_tuning_beats_an_untrained_detector(chain):
-    """The tiny chain learns: its loss falls and its AP is above a random-init detector's with no training. On
-    the tiny set's version 2 (classes told apart by shape, not colour) this budget reaches AP 0.002 (loss 4.57 ->
-    2.10); on version 1 it reached more than 0.03."""
+    """The tiny chain learns: its loss falls, and its AP is above a random-init detector's with no training and
+    above its own after r1's first epoch. No fixed AP floor: on the tiny set's version 2 (classes told apart by
+    shape, not colour) this budget ends between AP 0.0004 and 0.018 (AP50 0.0014 to 0.056) over three pretraining
+    seeds and two colour jitters, always from 0 after the first epoch (loss 4.6 -> 2.1); on version 1 it reached
+    more than 0.03."""
     val = course_split(chain["root"], "validation")
     config = DetectorConfig(**checkpoint.load(chain["run"] / "r3" / checkpoint.LAST)["model_config"])
     torch.manual_seed(0)
@@ -260,7 +262,8 @@ def test_fine_tuning_beats_an_untrained_detector(chain):
                                                                                       val.label_to_category))
     tuned = chain["records"]["r3"]["val"]
     print(f"tiny chain AP {tuned['AP']:.4f} AP50 {tuned['AP50']:.4f}; untrained AP {baseline.stats['AP']:.4f}")
-    assert tuned["AP"] > baseline.stats["AP"] and tuned["AP50"] > 0.002
+    first = metrics(chain["run"] / "r1" / "metrics.jsonl")[0]["val"]
+    assert tuned["AP"] > baseline.stats["AP"] and tuned["AP"] > first["AP"] and tuned["AP50"] > first["AP50"]
     losses = [m["loss"] for stage in ("r1", "r2", "r3") for m in metrics(chain["run"] / stage / "metrics.jsonl")]
     assert losses[-1] < 0.6 * losses[0]
 
