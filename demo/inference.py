@@ -34,16 +34,14 @@ def _conv_norm_pairs(module: nn.Module):
             yield shortcut, "0", "1"
 
 
-def fold_batchnorm(body: nn.Module) -> int:
-    """Fold each BatchNorm of an eval-mode ResNet body into its convolution, in place; returns how many."""
-    pairs = list(_conv_norm_pairs(body))
-    for parent, conv_name, norm_name in pairs:
+def fold_batchnorm(body: nn.Module) -> None:
+    """Fold each BatchNorm of an eval-mode ResNet body into its convolution, in place."""
+    for parent, conv_name, norm_name in list(_conv_norm_pairs(body)):  # listed first: the loop replaces modules
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
         if norm.running_mean is None:
             raise ValueError(f"{type(norm).__name__} without running statistics cannot be folded")
         setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
         setattr(parent, norm_name, nn.Identity())
-    return len(pairs)
 
 
 def for_inference(model: nn.Module) -> nn.Module:
