@@ -8,12 +8,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process or end-to-end runs (skip locally with -m 'not slow')")
-    config.addinivalue_line("markers", "slurm: jobs on a real local Slurm (skip locally with -m 'not slurm'); "
-                                       "they fail, never skip, when Slurm cannot be started")
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small dataset from the project's generator, shared by the tests that train."""

@@ -39,7 +39,12 @@ def job_env(slurm_env, tiny_data, tmp_path):
             "EPOCHS": "1"}
 
 
-def sbatch(env, script, *options, cwd=ROOT / "slurm") -> str:
+def sbatch(env, script, *options, cwd=ROOT / "slurm", slurm_file_in_cwd=False) -> str:
+    """Slurm's own file goes to the test's LOG_DIR, not into the repository where the scripts' --output puts it,
+    unless ``slurm_file_in_cwd``."""
+    if not slurm_file_in_cwd:  # Slurm fails a job whose --output folder is missing
+        Path(env["LOG_DIR"]).mkdir(parents=True, exist_ok=True)
+        options = (f"--output={env['LOG_DIR']}/%x_%j.slurm.out", *options)
     out = subprocess.run(["sbatch", "--parsable", *options, script], env=env, cwd=cwd, check=True,
                          capture_output=True, text=True, timeout=30).stdout
     return out.strip().split(";")[0]
@@ -155,8 +160,8 @@ def test_ddp_through_srun(job_env, tmp_path, options, nodes, container):
     assert checkpoint.load(Path(env["RUN_DIR"]) / "moco" / checkpoint.LAST)["epoch"] == 1
 
 
-def _interrupt_then_finish(env, script, interrupt, progress: str, timeout=600) -> tuple[dict, str]:
-    job_id = sbatch(env, f"{script}.slurm", *ONE_TASK)
+def _interrupt_then_finish(env, script, interrupt, progress: str, timeout=600, **submit) -> tuple[dict, str]:
+    job_id = sbatch(env, f"{script}.slurm", *ONE_TASK, **submit)
     wait_for(lambda: re.search(progress, log_of(env, script, job_id)), 300, progress, interval=0.2)
     interrupt(job_id)
     info = wait_done(env, job_id, timeout)
@@ -253,7 +258,8 @@ def test_slurms_own_messages_are_kept_beside_the_log(job_env):
     line for a cancelled job is there."""
     env = {**job_env, **SLOWER_MOCO, "MOCO_EPOCHS": "3"}
     info, log = _interrupt_then_finish(
-        env, "moco_v2", lambda job: subprocess.run(["scancel", job], env=env, check=True), r"epoch 1 step")
+        env, "moco_v2", lambda job: subprocess.run(["scancel", job], env=env, check=True), r"epoch 1 step",
+        slurm_file_in_cwd=True)
     job = info["JobId"]
     link = Path(env["LOG_DIR"]) / f"moco_v2_{job}.slurm.out"
     assert info["JobState"] == "CANCELLED" and f"Slurm's own messages for this job: {link}" in log, log
@@ -267,7 +273,8 @@ def test_slurms_own_messages_are_kept_beside_the_log(job_env):
 def test_a_job_that_cannot_find_the_repository_says_so_in_slurms_file(job_env, tmp_path):
     """Submitted from outside the repository: the job fails before its own log exists, and says why in the
     file Slurm writes where sbatch ran."""
-    job = sbatch(job_env, str(ROOT / "slurm" / "moco_v2.slurm"), *ONE_TASK, cwd=tmp_path)
+    job = sbatch(job_env, str(ROOT / "slurm" / "moco_v2.slurm"), *ONE_TASK, cwd=tmp_path,
+                 slurm_file_in_cwd=True)
     assert wait_done(job_env, job, timeout=60)["JobState"] == "FAILED"
     text = (tmp_path / f"moco_v2_{job}.slurm.out").read_text()
     assert f"no slurm/common.sh in or above {tmp_path}: submit from inside the repository, or set PIPELINE_REPO" in text

@@ -86,19 +86,20 @@ def _moco_losses(log: str) -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted() -> dict:
-    """Runs shared by this module's tests, made by the first that needs them."""
-    return {}
+def uninterrupted(tmp_path_factory) -> dict:
+    """Runs shared by this module's tests, made by the first that needs them in a folder of the module's (a
+    test's own tmp_path goes when it passes)."""
+    return {"run": tmp_path_factory.mktemp("uninterrupted")}
 
 
 def _uninterrupted_pretraining(job_env, tmp_path, cache: dict) -> tuple[list, Path]:
     """Losses of every step of the same pretraining run without interruption, and its final checkpoint."""
     if "moco" not in cache:
-        env = {**_env(job_env, tmp_path, "fork"), "RUN_DIR": str(tmp_path / "uninterrupted")}
+        env = {**_env(job_env, tmp_path, "fork"), "RUN_DIR": str(cache["run"])}
         job_id = sbatch(env, "moco_v2.slurm", *ONE_TASK)
         info, log = wait_done(env, job_id), log_of(env, "moco_v2", job_id)
         assert info["JobState"] == "COMPLETED", log
-        cache["moco"] = _moco_losses(log), tmp_path / "uninterrupted" / "moco" / checkpoint.LAST
+        cache["moco"] = _moco_losses(log), cache["run"] / "moco" / checkpoint.LAST
     return cache["moco"]
 
 
