@@ -43,6 +43,7 @@ import torchvision
 from torchvision import transforms
 from torchvision.datasets.folder import pil_loader
 
+from moco import failures
 from moco import train as moco_train
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
 from moco.data import UnlabeledImages, find_unlabeled_images
@@ -99,18 +100,19 @@ def rows(quick: bool, data: Path) -> list[Row]:
 
 # ---- the work of each row: build(variant, params, device) returns step(), which returns the items it processed
 
-def _moco_model(variant: str, p: dict, device: torch.device, *flags: str):
+def _moco_model(variant: str, p: dict, device: torch.device, *flags: str, uint8_views: bool = True):
     """moco.train's arguments and model for a variant: "ours" at moco.train's single-process defaults (split BN, the
     device's precision and memory format), "ours, --bn-splits 1" with plain BN, "original" in fp32, contiguous,
-    with plain BN. Returns (args, model, autocast dtype or None, memory format)."""
+    with plain BN. The model normalises uint8 views itself unless ``uint8_views`` is off (float views in).
+    Returns (args, model, autocast dtype or None, memory format)."""
     ours = variant.startswith("ours")
     amp_dtype = autocast_dtype(device) if ours else None
     memory_format = torch.channels_last if ours and moco_train.default_channels_last(device, amp_dtype) else (
         torch.contiguous_format)
     argv = ["-", "-a", p["arch"], "--moco-k", str(p["K"]), "--mlp", *flags]
     args = moco_train.get_parser().parse_args(argv + ([] if variant == "ours" else ["--bn-splits", "1"]))
-    return args, moco_train.build_model(args, world_size=1).to(device, memory_format=memory_format), amp_dtype, (
-        memory_format)
+    model = moco_train.build_model(args, 1, Normalize(memory_format=memory_format) if uint8_views else None)
+    return args, model.to(device, memory_format=memory_format), amp_dtype, memory_format
 
 
 def _moco_step(variant: str, p: dict, device: torch.device):
@@ -120,11 +122,10 @@ def _moco_step(variant: str, p: dict, device: torch.device):
         model.encoder_q.compile()
         model.encoder_k.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    normalize = Normalize(memory_format=memory_format).to(device)
     images = torch.randint(0, 256, (2, p["batch"], 3, p["size"], p["size"]), dtype=torch.uint8)
 
     def step() -> int:
-        im_q, im_k = normalize(images[0]), normalize(images[1])
+        im_q, im_k = images[0].to(device), images[1].to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, labels = model(im_q, im_k)
         optimizer_step(F.cross_entropy(logits, labels), optimizer, None)
@@ -189,19 +190,19 @@ def _epoch(variant: str, p: dict, device: torch.device):
     paths = find_unlabeled_images(p["data"])[:p["images"]]
     args, model, amp_dtype, memory_format = _moco_model(variant, p, device, "--image-size", str(p["size"]), "-b",
                                                         str(p["batch"]), "--aug-plus", "-j", str(p["workers"]), "-p",
-                                                        "0")
+                                                        "0", uint8_views=variant == "ours")
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     epochs = iter(range(10**9))
     if variant == "ours":
         loader, sampler = moco_train.build_loader(args, paths, 0, 1, device)
-        normalize = Normalize(memory_format=memory_format).to(device)
         unreadable_files = UnreadableFiles(args.max_unreadable, device)
+        watch = failures.LossWatch(device, 4, moco_train.describe_logits)
 
         def step() -> int:
             epoch = next(epochs)
             sampler.set_epoch(epoch)
-            moco_train.train_one_epoch(model, loader, normalize, optimizer, None, amp_dtype, epoch, args, device, 1,
-                                       unreadable_files)
+            moco_train.train_one_epoch(model, loader, optimizer, None, amp_dtype, epoch, args, device, 1,
+                                       unreadable_files, watch)
             return len(loader) * args.batch_size
     else:
         loader = torch.utils.data.DataLoader(_OriginalImages(paths, p["size"]), batch_size=args.batch_size,

@@ -54,8 +54,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
         # times a step anyway). The finiteness check, one flag all_reduced under DDP, comes before backward.
         values = dict(zip(["loss", *loss_dict], torch.stack([loss, *loss_dict.values()]).detach().float().tolist()))
         failures.check_loss(loss, epoch, step, lambda: ", ".join(f"{k} {v.item():.4g}" for k, v in loss_dict.items()))
-        optimizer_step(loss, optimizer, scaler)
-        scheduler.step()
+        if optimizer_step(loss, optimizer, scaler):  # a step fp16's GradScaler skipped leaves the warm-up where it was
+            scheduler.step()
         seen += len(images)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v * len(images)

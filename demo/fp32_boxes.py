@@ -4,8 +4,10 @@ torchvision builds anchors in the dtype of the feature maps and decodes boxes in
 output, so under bf16 autocast every box lands on bf16's grid: 8 px apart at 1024-2048 px, 4 px at 512-1024
 (anchor [1003.3, 701.7, 1250.9, 990.2] decodes to [1008, 704, 1248, 992]). That costs AP75 and small-object AP in
 the training targets, the proposals and the detections. These drop-in subclasses keep the convolutions and
-linear layers under autocast and hand fp32 to everything geometric; their weights keep torchvision's names,
-so checkpoints load either way.
+linear layers under autocast and hand fp32 to everything geometric. The last layers that score anchors and
+regress boxes (the RPN's two 1x1 convolutions, the box head's two linear layers) run in true fp32 on their
+autocast inputs (``moco.precision.true_fp32``: no bf16 rounding of their outputs, no TF32), for a few thousandths
+of the detector's arithmetic. Their weights keep torchvision's names, so checkpoints load either way.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+
+from moco.precision import true_fp32
 
 # torchvision's FPN defaults: one anchor size per level (P2..P6), three aspect ratios each.
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
@@ -31,11 +35,17 @@ class Float32AnchorGenerator(AnchorGenerator):
 
 class Float32RPNHead(RPNHead):
     def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        objectness, deltas = super().forward(x)
-        return [o.float() for o in objectness], [d.float() for d in deltas]
+        objectness, deltas = [], []
+        for feature in x:
+            t = self.conv(feature)  # the 3x3 convolution stays under autocast
+            with true_fp32(t.device.type):
+                t = t.float()
+                objectness.append(self.cls_logits(t))
+                deltas.append(self.bbox_pred(t))
+        return objectness, deltas
 
 
 class Float32FastRCNNPredictor(FastRCNNPredictor):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, deltas = super().forward(x)
-        return scores.float(), deltas.float()
+        with true_fp32(x.device.type):
+            return super().forward(x.float())

@@ -3,6 +3,9 @@
 A query encoder learns; a key encoder follows it by momentum; a queue of K past keys supplies the negatives.
 Keys are computed with shuffled batch-norm so the network cannot tell positives apart by batch statistics:
 across ranks under DDP, across sub-batches (``SplitBatchNorm2d``) in a single process.
+
+A step never waits for the GPU: the shuffle's permutation is drawn on the host, alike on every rank, and the
+queue's position is kept on the host too.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .precision import true_fp32
 
 
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
@@ -30,11 +35,15 @@ class MoCo(nn.Module):
         m: float = 0.999,
         T: float = 0.07,
         mlp: bool = False,
+        preprocess: nn.Module | None = None,
     ):
         """base_encoder: a torchvision ResNet constructor; dim: feature dimension; K: queue size;
-        m: key-encoder momentum; T: softmax temperature; mlp: 2-layer projection head (MoCo v2)."""
+        m: key-encoder momentum; T: softmax temperature; mlp: 2-layer projection head (MoCo v2);
+        preprocess: applied to both views inside the forward (e.g. ``moco.augment.Normalize``: uint8 images in), so
+        that the key images are shuffled across ranks before it, as uint8."""
         super().__init__()
         self.K, self.m, self.T = K, m, T
+        self.preprocess = preprocess or nn.Identity()  # no parameters nor persistent buffers: checkpoints unchanged
         self.encoder_q = base_encoder(num_classes=dim)
         self.encoder_k = base_encoder(num_classes=dim)
         if mlp:
@@ -47,7 +56,12 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        # Draws the key shuffle; reseeded every epoch so a resumed run shuffles as an uninterrupted one.
+        # queue_ptr as a host int, read from the buffer once after construction or a load: reading the buffer every
+        # step would make the host wait for the GPU.
+        self._ptr: int | None = 0
+        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_ptr", None))
+        # Draws the key shuffle on the host, the same permutation on every rank: ranks that seed it alike (every
+        # epoch, so a resumed run shuffles as an uninterrupted one) need no broadcast of it.
         self.shuffle_generator = torch.Generator()
 
     # torch.no_grad() as a context, not a decorator, here and below: `make mutate` (mutmut) skips decorated functions.
@@ -62,20 +76,21 @@ class MoCo(nn.Module):
         with torch.no_grad():
             keys = _concat_all_gather(keys)
             batch_size = keys.shape[0]
-            ptr = int(self.queue_ptr)
             if self.K % batch_size:
                 raise ValueError(f"queue size K={self.K} must be a multiple of the total batch size {batch_size}")
+            if self._ptr is None:
+                self._ptr = int(self.queue_ptr)
+            ptr = self._ptr
             self.queue[:, ptr : ptr + batch_size] = keys.T.to(self.queue.dtype)
-            self.queue_ptr[0] = (ptr + batch_size) % self.K
+            self._ptr = (ptr + batch_size) % self.K
+            self.queue_ptr.fill_(self._ptr)
 
     def _batch_shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shuffle the batch (across all ranks when distributed); returns it with the index that undoes it."""
         with torch.no_grad():
             x_gather = _concat_all_gather(x)
-            # Drawn on the CPU so every device type (and the test) sees the same permutation.
-            idx_shuffle = torch.randperm(x_gather.shape[0], generator=self.shuffle_generator).to(x.device)
-            if _world_size() > 1:
-                dist.broadcast(idx_shuffle, src=0)
+            # On the host, so every device type (and the test) sees the same permutation.
+            idx_shuffle = _to_device(torch.randperm(x_gather.shape[0], generator=self.shuffle_generator), x.device)
             idx_unshuffle = torch.argsort(idx_shuffle)
             rank_idx = idx_shuffle.view(_world_size(), -1)[_rank()]
             return x_gather[rank_idx], idx_unshuffle
@@ -86,15 +101,17 @@ class MoCo(nn.Module):
             return x_gather[idx_unshuffle.view(_world_size(), -1)[_rank()]]
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """im_q, im_k: two views of the same N images. Returns logits Nx(1+K) and their targets (all 0)."""
-        q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # queries: NxC
+        """im_q, im_k: two views of the same N images, as ``preprocess`` takes them. Returns logits Nx(1+K) and their
+        targets (all 0)."""
+        q = F.normalize(self.encoder_q(self.preprocess(im_q)).float(), dim=1)  # queries: NxC
         with torch.no_grad():
             self._momentum_update_key_encoder()
             im_k, idx_unshuffle = self._batch_shuffle(im_k)
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # keys: NxC
+            k = F.normalize(self.encoder_k(self.preprocess(im_k)).float(), dim=1)  # keys: NxC
             k = self._batch_unshuffle(k, idx_unshuffle)
-        # Similarities over 65536 negatives need fp32: bf16 would round them before the temperature scales them up.
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        # Similarities over 65536 negatives need fp32: bf16, or TF32's 10-bit mantissa, would round them before the
+        # temperature scales them up.
+        with true_fp32(q.device.type):
             logits = contrastive_logits(q, k, self.queue.clone().detach(), self.T)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._dequeue_and_enqueue(k)
@@ -109,11 +126,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without the host waiting for the GPU: a copy from pinned memory is queued."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 def _concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' tensors concatenated along dim 0 (no gradient flows back)."""
+    """All ranks' tensors concatenated along dim 0 (no gradient flows back), in the input's memory format.
+
+    Every rank sends and receives one dense row-major buffer, whatever the input's strides: how NCCL treats
+    buffers of other layouts (channels_last) has changed between torch releases, from raising to mixing up
+    elements, while gloo copies element by element and hides it."""
     if _world_size() == 1:
         return tensor
     with torch.no_grad():
-        gathered = [torch.empty_like(tensor) for _ in range(_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered, dim=0)
+        gathered = tensor.new_empty((_world_size() * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+            gathered = gathered.contiguous(memory_format=torch.channels_last)
+        return gathered

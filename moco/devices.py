@@ -132,10 +132,12 @@ def select_device(requested: str | None = None, local_rank: int = 0) -> torch.de
 
 def configure_backends(device: torch.device, fixed_shapes: bool) -> None:
     """GPU speed settings every entry point wants: TF32 for the fp32 matrix work left outside autocast (Ampere and
-    newer; ignored on older GPUs and the CPU), and cuDNN's autotuner when every batch has the same shape (MoCo's
-    crops), where the first steps' search pays back; detection's varying image sizes would search again and again."""
+    newer; ignored on older GPUs and the CPU), except what ``moco.precision.true_fp32`` keeps exact; and cuDNN's
+    autotuner when every batch has the same shape (MoCo's crops), where the first steps' search pays back;
+    detection's varying image sizes would search again and again."""
     if device.type != "cuda":
         return
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    torch.backends.cudnn.allow_tf32 = True  # TF32 convolutions (torch's default, stated)
+    # torch's newer per-backend flags only: reading a legacy flag after mixing the two APIs raises.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's default, stated
     torch.backends.cudnn.benchmark = fixed_shapes

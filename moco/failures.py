@@ -6,9 +6,10 @@ Exit statuses of moco.train and demo.train (sysexits.h numbers):
 - 65 (EX_DATAERR), ``moco.unreadable.EXIT_DATAERR``: more training images could not be read than
   --max-unreadable allows; stopped with a mid-epoch checkpoint, the files listed. Not requeued: the same files
   would stop it again.
-- 70 (EX_SOFTWARE), ``EXIT_DIVERGED``: the loss was not finite on some rank. Every rank stops at that step, before
-  its backward pass, so no weight takes a NaN; nothing is saved after it. Not requeued by the Slurm scripts: the
-  same seeded run would diverge again at the same step.
+- 70 (EX_SOFTWARE), ``EXIT_DIVERGED``: the loss was not finite on some rank. Every rank stops together, and nothing
+  is saved after that step: fine-tuning stops at that step, before its backward pass; pretraining, whose steps
+  never wait for the GPU, within ``LossWatch.EVERY`` steps of it. Not requeued by the Slurm scripts: the same seeded
+  run would diverge again at the same step.
 - 74 (EX_IOERR), ``EXIT_IOERR``: a checkpoint could not be written (a full disk, a quota); the previous one is
   intact. Not requeued either: a requeue into a full disk would churn.
 - 75 (EX_TEMPFAIL), ``moco.preemption.EXIT_REQUEUE``: stopped by a signal with a checkpoint, to be requeued.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,33 +36,77 @@ EXIT_IOERR = 74
 
 
 class NonFiniteLoss(Exception):
-    """Raised on every rank at the step where any rank's loss was not finite, before that step's backward."""
+    """Raised on every rank, with the same message, once any rank's loss was not finite (see the module doc)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _stop_everywhere(bad: torch.Tensor, report: Callable[[], tuple[int, str, str]], epoch: int) -> None:
+    """Raise ``NonFiniteLoss`` on every rank when ``bad`` (a flag on the device) is set on any: the message names
+    the first step and each rank that saw one, from ``report()`` -> (step, loss, details) on those ranks."""
+    anywhere = bad.reshape(1).int()
+    if _distributed():
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    if not anywhere.item():
+        return
+    mine = report() if bad.item() else None
+    reports = [mine and (mine[0], f"{mine[1]} ({mine[2]})")]
+    if _distributed():  # every rank raises the same message, naming the ranks that saw it
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)
+        reports = [r and (r[0], f"{r[1]} on rank {rank} ({r[2]})") for rank, r in enumerate(reports)]
+    reports = sorted(filter(None, reports))
+    first = reports[0][0]
+    said = [what if step == first else f"{what} from step {step}" for step, what in reports]
+    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {first}: {'; '.join(said)}")
 
 
 def check_loss(loss: torch.Tensor, epoch: int, step: int, details: Callable[[], str]) -> None:
     """Raise ``NonFiniteLoss`` on every rank, with the same message, when the loss of any rank is not finite.
 
     Call it between the forward pass and ``backward``: DDP averages the gradients inside ``backward``, so a NaN on
-    one rank would reach every rank's weights. ``details()`` describes the loss (its components, the logits); it
-    is called only on the ranks whose loss is not finite. Cost: one read of a flag to the host a step, after an
-    all_reduce of one element under DDP (measured in moco.train: well under 1% of a step)."""
+    one rank would reach every rank's weights. ``details()`` describes the loss (its components); it is called only
+    on the ranks whose loss is not finite. It reads a flag to the host: for loops that wait for the GPU every step
+    anyway (detection's); MoCo's uses ``LossWatch``."""
     bad = ~torch.isfinite(loss.detach())
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
-        anywhere = bad.reshape(1).int()
-        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
-    else:
-        anywhere = bad
-    if not anywhere.item():
-        return
-    mine = None
-    if bad.item():
-        mine = f"{loss.item():.4g}{f' on rank {dist.get_rank()}' if distributed else ''} ({details()})"
-    reports = [mine]
-    if distributed:  # every rank raises the same message, naming the ranks that saw it
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, mine)
-    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}: {'; '.join(filter(None, reports))}")
+    _stop_everywhere(bad, lambda: (step, f"{loss.item():.4g}", details()), epoch)
+
+
+class LossWatch:
+    """Non-finite losses seen on the device, step by step, and read by the host only every ``EVERY`` steps and
+    before anything is saved (``check``), so that no step waits for the GPU. A non-finite step's weights may reach
+    the next few steps, but never a checkpoint. The first such step of this rank is kept: its number, its loss and
+    the caller's figures about it, described at the check by ``describe(figures)``."""
+
+    EVERY = preemption.POLL_STEPS  # the stop poll's cadence: the host waits for the GPU at those steps anyway
+
+    def __init__(self, device: torch.device, figures: int, describe: Callable[[Sequence[float]], str]):
+        self.describe = describe
+        # [step + 1 (0 while none was seen), loss, figures...]
+        self.first = torch.zeros(2 + figures, dtype=torch.float64, device=device)
+
+    def observe(self, step: int, loss: torch.Tensor, figures: torch.Tensor) -> None:
+        """Record ``loss`` (and ``figures``, a tensor of the caller's numbers) if it is this rank's first
+        non-finite one; no read to the host."""
+        with torch.no_grad():
+            seen = torch.cat([torch.full((1,), step + 1.0, dtype=torch.float64, device=loss.device),
+                              loss.detach().double().reshape(1), figures.double().reshape(-1)])
+            new = ~torch.isfinite(loss.detach()) & (self.first[0] == 0)
+            self.first.copy_(torch.where(new, seen, self.first))
+
+    def due(self, step: int) -> bool:
+        return step % self.EVERY == 0
+
+    def check(self, epoch: int) -> None:
+        """Raise ``NonFiniteLoss`` on every rank when any rank has seen a non-finite loss: a collective, every rank at
+        the same step."""
+        def report() -> tuple[int, str, str]:
+            step, loss, *figures = self.first.tolist()
+            return int(step) - 1, f"{loss:.4g}", self.describe(figures)
+
+        _stop_everywhere(self.first[0] > 0, report, epoch)
 
 
 def _kept(last: Path) -> str:
@@ -87,8 +132,8 @@ def _ending(exc: BaseException, last: Path) -> SystemExit | None:
         log.error("%s (exit status %d)", exc, EXIT_IOERR)
         return SystemExit(EXIT_IOERR)
     if isinstance(exc, NonFiniteLoss):
-        log.error("%s: the run stopped before applying it; %s. Try a lower --lr (exit status %d)", exc, _kept(last),
-                  EXIT_DIVERGED)
+        log.error("%s: the run stopped and saved nothing after it; %s. Try a lower --lr (exit status %d)", exc,
+                  _kept(last), EXIT_DIVERGED)
         return SystemExit(EXIT_DIVERGED)
     return None
 

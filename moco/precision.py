@@ -4,11 +4,15 @@ Training: bf16 autocast on CPUs with native bf16 (AVX-512 BF16 or AMX) and Amper
 GradScaler on older GPUs (V100); fp32 elsewhere. bf16 needs no loss scaling: its range equals fp32's.
 Inference (validation, evaluation): fp16 on every GPU, whose 10-bit mantissa keeps scores and features closer to
 fp32 than bf16's 7 bits, and fp32 on the CPU, where only scores would gain speed. Box geometry is fp32 under any
-of them (demo.fp32_boxes).
+of them (demo.fp32_boxes). The few operations whose rounding the results depend on (InfoNCE's logits, the
+detector's last scoring and box layers) run in true fp32 (``true_fp32``): outside autocast, and without TF32, which
+every other fp32 matmul and convolution on Ampere and newer GPUs uses (moco.devices.configure_backends).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -50,13 +54,32 @@ def autocast_dtype(device: torch.device, mode: str = "auto", inference: bool = F
     return None
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """One update; with fp16 the loss is scaled so small gradients do not underflow (bf16 and fp32 need no scaler)."""
+@contextlib.contextmanager
+def true_fp32(device_type: str) -> Iterator[None]:
+    """fp32 arithmetic inside: autocast off, and on CUDA fp32 matmuls and convolutions in IEEE fp32 rather than
+    TF32's 10-bit mantissa. The flags are global, so they are restored on the way out."""
+    cuda_matmul, cudnn_conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = cuda_matmul.fp32_precision, cudnn_conv.fp32_precision
+    cuda_matmul.fp32_precision = cudnn_conv.fp32_precision = "ieee"
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        cuda_matmul.fp32_precision, cudnn_conv.fp32_precision = saved
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> bool:
+    """One update; with fp16 the loss is scaled so small gradients do not underflow (bf16 and fp32 need no scaler).
+    Returns whether the weights were updated: the GradScaler skips a step whose gradients are not finite, and
+    lowers its scale then. With a scaler that answer is read from the device."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
         optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        return True
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scale = scaler.get_scale()
+    scaler.update()
+    return scaler.get_scale() >= scale

@@ -180,8 +180,10 @@ def default_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -
     return device.type == "cuda" or amp_dtype is not None
 
 
-def build_model(args: argparse.Namespace, world_size: int) -> MoCo:
-    model = MoCo(tv_models.get_model_builder(args.arch), args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp)
+def build_model(args: argparse.Namespace, world_size: int, preprocess: nn.Module | None = None) -> MoCo:
+    """MoCo as the flags say; ``preprocess`` (e.g. ``Normalize``) runs inside its forward."""
+    model = MoCo(tv_models.get_model_builder(args.arch), args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp,
+                 preprocess)
     if world_size == 1 and args.bn_splits > 1:
         convert_split_batchnorm(model, args.bn_splits)
     return model
@@ -198,10 +200,24 @@ def build_loader(args: argparse.Namespace, paths: list, rank: int, world_size: i
     return loader, sampler
 
 
-def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args, device,
-                    world_size: int, unreadable_files: UnreadableFiles, first_step: int = 0) -> dict:
-    """One epoch from ``first_step`` on (non-zero when resumed mid-epoch); raises ``Preempted`` on a stop and
-    ``TooManyUnreadable`` past --max-unreadable."""
+def moco_step(model, im_q, im_k, optimizer, scaler, amp_dtype, device, watch: failures.LossWatch, step: int):
+    """One update from a batch of uint8 views, with nothing read back from the device. Returns loss, logits and
+    labels."""
+    # uint8 to the device: the model normalises them, after the key shuffle has moved a quarter of the bytes.
+    im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits, labels = model(im_q, im_k)
+    loss = F.cross_entropy(logits, labels)
+    watch.observe(step, loss, logit_figures(logits))
+    optimizer_step(loss, optimizer, scaler)
+    return loss, logits, labels
+
+
+def train_one_epoch(model, loader, optimizer, scaler, amp_dtype, epoch, args, device, world_size: int,
+                    unreadable_files: UnreadableFiles, watch: failures.LossWatch, first_step: int = 0) -> dict:
+    """One epoch from ``first_step`` on (non-zero when resumed mid-epoch) of a model that normalises its uint8
+    views itself; raises ``Preempted`` on a stop, ``TooManyUnreadable`` past --max-unreadable and ``NonFiniteLoss``
+    at ``watch``'s checks."""
     model.train()
     unreadable_files.start_epoch()
     # Sums stay on the device: reading them every step would make the host wait for the GPU every step.
@@ -217,21 +233,16 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(epoch, args, (step + 1) / steps)
         unreadable_files.update(step, failed.tolist(), errors)
-        im_q, im_k = normalize(im_q), normalize(im_k)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, labels = model(im_q, im_k)
-        loss = F.cross_entropy(logits, labels)
-        # Before backward: a NaN never reaches the weights. Its read of a flag to the host cost 0.2 ms of a 7.5 s step
-        # (0.003%) on 2 CPU cores at the demo's size (ResNet-18, 64 px, batch 64). On a GPU the forward already waits
-        # for the device once a step (the queue pointer), so the read waits only for the loss's few kernels.
-        failures.check_loss(loss, epoch, step, lambda: describe_logits(logits))
-        optimizer_step(loss, optimizer, scaler)
+        if watch.due(step):
+            watch.check(epoch)
+        loss, logits, labels = moco_step(model, im_q, im_k, optimizer, scaler, amp_dtype, device, watch, step)
         n = labels.shape[0]
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == 0).sum()
         seen += n
         progress.update(step, n * world_size,
                         lambda: f"loss {loss.item():.4f} acc@1 {100.0 * correct.item() / seen:.1f}%")
+    watch.check(epoch)  # before the epoch's statistics and checkpoint
     elapsed = time.perf_counter() - start
     return {
         "loss": all_reduce_mean(loss_sum.item() / max(seen, 1), device),
@@ -242,11 +253,22 @@ def train_one_epoch(model, loader, normalize, optimizer, scaler, amp_dtype, epoc
 
 
 @torch.no_grad()
-def describe_logits(logits: torch.Tensor) -> str:
-    """How many logits are not finite, and the range of the others: what a diverged step's message shows."""
-    finite = logits[torch.isfinite(logits)]
-    spread = f", the others in [{finite.min():.4g}, {finite.max():.4g}]" if finite.numel() else ""
-    return f"{logits.numel() - finite.numel()} of {logits.numel()} logits not finite{spread}"
+def logit_figures(logits: torch.Tensor) -> torch.Tensor:
+    """On the device: the logits' count, how many are not finite, and the range of the others (inf, -inf for
+    none), for ``describe_logits``."""
+    finite = torch.isfinite(logits)
+    inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
+    low, high = torch.where(finite, logits, inf).amin(), torch.where(finite, logits, -inf).amax()
+    count = torch.full((), float(logits.numel()), device=logits.device)
+    return torch.stack([count, (~finite).sum().float(), low.float(), high.float()])
+
+
+def describe_logits(figures) -> str:
+    """What a diverged step's message says of its logits (``logit_figures``): how many are not finite, and the
+    range of the others."""
+    count, bad, low, high = figures
+    spread = f", the others in [{low:.4g}, {high:.4g}]" if bad < count else ""
+    return f"{int(bad)} of {int(count)} logits not finite{spread}"
 
 
 @torch.no_grad()
@@ -289,7 +311,8 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
              amp_dtype or "fp32", "channels_last" if channels_last else "contiguous")
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(args, env.world_size).to(device, memory_format=memory_format)
+    model = build_model(args, env.world_size, Normalize(memory_format=memory_format)).to(device,
+                                                                                        memory_format=memory_format)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -318,13 +341,15 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
 
     ddp_model = model
     if env.distributed:
+        # No buffer broadcast: the queue is equal on every rank by construction, and BatchNorm statistics are
+        # averaged at each epoch's end (average_running_stats); broadcasting would send the queue every step.
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
 
     loader, sampler = build_loader(args, paths, env.rank, env.world_size, device)
-    normalize = Normalize(memory_format=memory_format).to(device)
     unreadable_files = UnreadableFiles(args.max_unreadable, device)
+    watch = failures.LossWatch(device, 4, describe_logits)
     log.info("%d images in %s; %d steps an epoch of %d images", len(paths), paths[0].parent, len(loader),
              args.batch_size)
 
@@ -372,9 +397,11 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
         for group in optimizer.param_groups:
             group["lr"] = lr
         try:
-            stats = train_one_epoch(ddp_model, loader, normalize, optimizer, scaler, amp_dtype, epoch, args,
-                                    device, env.world_size, unreadable_files, first_step)
+            stats = train_one_epoch(ddp_model, loader, optimizer, scaler, amp_dtype, epoch, args, device,
+                                    env.world_size, unreadable_files, watch, first_step)
         except (preemption.Preempted, TooManyUnreadable) as stop:
+            watch.check(epoch)  # a diverged run saves nothing
+            average_running_stats(model)  # the ranks' own statistics, as at an epoch's end
             runs.decided_by_rank0(lambda: checkpoint.save_atomic(state(epoch, stop.step), output_dir / checkpoint.LAST),
                                   device)
             raise

@@ -136,3 +136,23 @@ def test_detections_lie_on_the_fp32_anchor_grid_under_bf16(detector):
     grid[:, 1::2] = grid[:, 1::2].clamp(0, HEIGHT)
     distance = torch.cdist(boxes.double(), grid, p=float("inf")).min(dim=1).values
     assert distance.max() < TOLERANCE_PX
+
+
+def test_the_heads_last_layers_are_true_fp32_under_bf16_autocast():
+    """The RPN's 1x1 convolutions and the box head's linear layers on their autocast inputs give exactly what fp32
+    gives on the same inputs: no bf16 rounding of the scores and deltas (and, on CUDA, no TF32)."""
+    torch.manual_seed(2)
+    model = build_detector(DetectorConfig("resnet18", 11, 5, "frozen", 224, 320, 64, CHANNELS)).eval()
+    rpn, predictor = model.rpn.head, model.roi_heads.box_predictor
+    features = [torch.randn(1, CHANNELS, 8, 10), torch.randn(1, CHANNELS, 4, 5)]
+    box_features = torch.randn(6, predictor.cls_score.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        objectness, deltas = rpn(features)
+        scores, box_deltas = predictor(box_features.bfloat16())
+        hidden = [rpn.conv(f).float() for f in features]  # the 3x3 convolution's bf16 output, as the head saw it
+    with torch.no_grad():
+        for t, o, d in zip(hidden, objectness, deltas):
+            assert o.dtype == d.dtype == torch.float32
+            assert torch.equal(o, rpn.cls_logits(t)) and torch.equal(d, rpn.bbox_pred(t))
+        x = box_features.bfloat16().float()
+        assert torch.equal(scores, predictor.cls_score(x)) and torch.equal(box_deltas, predictor.bbox_pred(x))

@@ -248,17 +248,36 @@ def test_check_loss_passes_finite_losses_and_stops_at_others():
 
 
 def test_logits_are_described_by_their_non_finite_count_and_range():
-    logits = torch.tensor([[1.5, float("nan")], [-2.0, float("inf")]])
-    assert moco_train.describe_logits(logits) == "2 of 4 logits not finite, the others in [-2, 1.5]"
-    assert moco_train.describe_logits(torch.full((1, 2), float("nan"))) == "2 of 2 logits not finite"
+    def described(logits):
+        return moco_train.describe_logits(moco_train.logit_figures(logits).tolist())
+
+    assert described(torch.tensor([[1.5, float("nan")], [-2.0, float("inf")]])) == (
+        "2 of 4 logits not finite, the others in [-2, 1.5]")
+    assert described(torch.full((1, 2), float("nan"))) == "2 of 2 logits not finite"
+
+
+def test_the_loss_watch_reports_the_first_non_finite_step_only_when_checked():
+    watch = failures.LossWatch(torch.device("cpu"), 4, moco_train.describe_logits)
+    finite = torch.tensor([[0.5, -1.0]])
+    for step, loss, logits in ((10, 2.0, finite), (11, float("nan"), torch.tensor([[float("nan"), 3.0]])),
+                               (12, float("inf"), finite)):
+        watch.observe(step, torch.tensor(loss), moco_train.logit_figures(logits))
+    assert not watch.due(11) and watch.due(20)
+    with pytest.raises(failures.NonFiniteLoss) as stopped:
+        watch.check(4)
+    assert str(stopped.value) == ("non-finite loss at epoch 4 step 11: nan (1 of 2 logits not finite, the others in "
+                                  "[3, 3])")
+    clean = failures.LossWatch(torch.device("cpu"), 4, moco_train.describe_logits)
+    clean.observe(0, torch.tensor(1.0), moco_train.logit_figures(finite))
+    clean.check(0)
 
 
 @pytest.mark.parametrize("error, status, message", [
     (checkpoint.WriteError("cannot write x: [Errno 122] Disk quota exceeded"), failures.EXIT_IOERR,
      "cannot write x: [Errno 122] Disk quota exceeded (exit status 74)"),
     (failures.NonFiniteLoss("non-finite loss at epoch 3 step 7: nan (l 1)"), failures.EXIT_DIVERGED,
-     "non-finite loss at epoch 3 step 7: nan (l 1): the run stopped before applying it; checkpoint_last.pth.tar "
-     "(epoch 3, step 5) is intact. Try a lower --lr (exit status 70)"),
+     "non-finite loss at epoch 3 step 7: nan (l 1): the run stopped and saved nothing after it; "
+     "checkpoint_last.pth.tar (epoch 3, step 5) is intact. Try a lower --lr (exit status 70)"),
 ], ids=["save", "non-finite"])
 def test_each_failure_ends_with_its_status_and_one_message(tmp_path, caplog, error, status, message):
     checkpoint.save_atomic({"epoch": 3, "step": 5}, tmp_path / checkpoint.LAST)
@@ -300,8 +319,8 @@ def test_a_non_finite_loss_exits_70_and_leaves_checkpoint_last_as_it_was(images,
     result = _faulty(_moco(images, run, "--epochs", "2"), subprocess_env, NAN_AT="0:2")  # epoch 1, step 1
     assert result.returncode == failures.EXIT_DIVERGED, result.stdout[-3000:] + result.stderr[-3000:]
     assert "non-finite loss at epoch 1 step 1: nan (1 of 1040 logits not finite, the others in [" in result.stdout
-    assert ("the run stopped before applying it; checkpoint_last.pth.tar (epoch 1) is intact. Try a lower --lr "
-            "(exit status 70)" in result.stdout)
+    assert ("the run stopped and saved nothing after it; checkpoint_last.pth.tar (epoch 1) is intact. Try a lower "
+            "--lr (exit status 70)" in result.stdout)
     assert (run / checkpoint.LAST).read_bytes() == before
     assert not (run / checkpoint.numbered_name(2)).exists()
 

@@ -156,7 +156,7 @@ def test_a_non_finite_loss_stops_the_stage_before_applying_it(chain, tmp_path, m
     assert (run / "r2" / checkpoint.LAST).read_bytes() == before
     loss = r"[\d.e+-]+"
     assert re.search(rf"ERROR .*: non-finite loss at epoch 9 step 2: nan \(loss_classifier {loss}, loss_box_reg nan, "
-                     rf"loss_objectness {loss}, loss_rpn_box_reg {loss}\): the run stopped before applying it; "
+                     rf"loss_objectness {loss}, loss_rpn_box_reg {loss}\): the run stopped and saved nothing after it; "
                      rf"checkpoint_last.pth.tar \(epoch 9\) is intact. Try a lower --lr \(exit status 70\)\n",
                      (run / "r2" / "train.log").read_text())
 

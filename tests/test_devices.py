@@ -13,7 +13,7 @@ from demo import evaluate as demo_evaluate
 from demo import train as demo_train
 from moco import devices, doctor
 from moco import train as moco_train
-from moco.precision import autocast_dtype
+from moco.precision import autocast_dtype, true_fp32
 from slurm import launch  # the site config's one reader (bash sources it, as the Makefile and the jobs do)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,22 +169,35 @@ def test_doctor_reports_and_refuses(no_gpu_env, capsys):
 
 @pytest.fixture
 def backend_flags():
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
-    torch.set_float32_matmul_precision("highest")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision
+    torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision = False, "ieee", "ieee"
     yield
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[:2]
-    torch.set_float32_matmul_precision(saved[2])
+    torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def test_backend_settings_apply_to_cuda_only(backend_flags):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     devices.configure_backends(torch.device("cpu"), fixed_shapes=True)
-    assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+    assert not torch.backends.cudnn.benchmark and matmul.fp32_precision == "ieee"
     devices.configure_backends(torch.device("cuda", 0), fixed_shapes=True)
-    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.benchmark and matmul.fp32_precision == conv.fp32_precision == "tf32"
     devices.configure_backends(torch.device("cuda", 0), fixed_shapes=False)  # detection: varying sizes
     assert not torch.backends.cudnn.benchmark
+
+
+def test_true_fp32_turns_tf32_and_autocast_off_inside_only(backend_flags):
+    """InfoNCE's logits and the detector's last layers run in it: TF32 would round their fp32 inputs to 10 bits."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    devices.configure_backends(torch.device("cuda", 0), fixed_shapes=True)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x.T).dtype == torch.bfloat16
+        with true_fp32("cpu"):
+            assert matmul.fp32_precision == conv.fp32_precision == "ieee"
+            assert (x @ x.T).dtype == torch.float32
+        assert (x @ x.T).dtype == torch.bfloat16
+    assert matmul.fp32_precision == conv.fp32_precision == "tf32"
 
 
 def test_inference_precision_is_never_bf16_by_default(monkeypatch):

@@ -159,9 +159,11 @@ class _TwoRankGroup:
     def get_rank(self):
         return 1
 
-    def all_gather(self, out, tensor):
-        out[0].copy_(next(self.rank0_sends))
-        out[1].copy_(tensor)
+    def all_gather_into_tensor(self, out, tensor):
+        assert out.is_contiguous() and tensor.is_contiguous()  # dense buffers only, whatever the layout
+        n = tensor.shape[0]
+        out[:n].copy_(next(self.rank0_sends))
+        out[n:].copy_(tensor)
 
     def broadcast(self, tensor, src):
         self.broadcasts.append((tensor.clone(), src))
@@ -181,8 +183,7 @@ def test_shuffle_and_queue_across_two_ranks(monkeypatch):
     model.shuffle_generator.manual_seed(3)
     shuffled, idx_unshuffle = model._batch_shuffle(mine)
     assert torch.equal(shuffled, full[perm[4:]])  # this rank's slice of the shuffled global batch
-    [(sent, src)] = group.broadcasts
-    assert torch.equal(sent, perm) and src == 0  # rank 0's permutation is everyone's
+    assert not group.broadcasts  # every rank draws the same permutation from its equally seeded generator
     assert torch.equal(model._batch_unshuffle(shuffled, idx_unshuffle), mine)
     model._dequeue_and_enqueue(mine)
     assert model.queue[0, :8].tolist() == [-1.0] * 4 + [4.0, 5.0, 6.0, 7.0] and int(model.queue_ptr) == 8
@@ -200,3 +201,73 @@ def test_defaults_queue_and_head_as_in_the_paper():
     assert [type(layer) for layer in head] == [nn.Linear, nn.ReLU, nn.Linear]
     x = torch.randn(5, 4)
     assert torch.allclose(head(x), head[2](torch.relu(head[0](x))))
+
+
+def _two_rank_step(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of a 2-rank gloo group: a channels_last gather, then one DDP MoCo step on its half of the
+    batch, as moco.train builds it (uint8 views normalised inside, no buffer broadcast)."""
+    import torch.distributed as dist
+
+    from moco.augment import Normalize
+    from moco.builder import _concat_all_gather
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        images = _two_rank_images()
+        half = images[rank * 4:(rank + 1) * 4]
+        gathered = _concat_all_gather(half.float().contiguous(memory_format=torch.channels_last))
+        model = _two_rank_model(Normalize(memory_format=torch.channels_last), 1)
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
+        logits, labels = ddp(half, half.flip(-1))
+        F.cross_entropy(logits, labels).backward()
+        optimizer.step()
+        torch.save({"gathered": gathered, "logits": logits.detach(), "state": model.state_dict()}, f"{out}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_rank_images() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def _two_rank_model(preprocess, splits: int) -> MoCo:
+    torch.manual_seed(0)
+    model = MoCo(tiny_encoder, dim=8, K=16, m=0.9, T=0.2, preprocess=preprocess)
+    if splits > 1:
+        convert_split_batchnorm(model, splits)
+    model.shuffle_generator.manual_seed(7)
+    return model.to(memory_format=torch.channels_last).train()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_with_the_whole_batch_in_channels_last(tmp_path):
+    """Shuffle-BN under DDP: channels_last inputs gather to the whole batch, and one step of two ranks (each its
+    half) equals one process over the whole batch whose split BN makes the same two sub-batches (in NHWC, the
+    contiguous halves): logits, weights, queue and pointer, which both ranks then hold alike."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from moco.augment import Normalize
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_step, args=(port, str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    images = _two_rank_images()
+    assert all(torch.equal(r["gathered"], images.float()) for r in ranks)
+    assert ranks[0]["gathered"].is_contiguous(memory_format=torch.channels_last)
+
+    model = _two_rank_model(Normalize(memory_format=torch.channels_last), 2)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
+    logits, labels = model(images, images.flip(-1))
+    F.cross_entropy(logits, labels).backward()
+    optimizer.step()
+    assert torch.allclose(torch.cat([r["logits"] for r in ranks]), logits.detach(), atol=1e-5)
+    reference = model.state_dict()
+    for name in ("queue", "queue_ptr", "encoder_q.conv.weight", "encoder_k.conv.weight", "encoder_q.fc.weight"):
+        for r in ranks:
+            assert torch.allclose(r["state"][name].float(), reference[name].float(), atol=1e-5), name
+    assert torch.equal(ranks[0]["state"]["queue"], ranks[1]["state"]["queue"])

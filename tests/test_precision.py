@@ -82,9 +82,35 @@ def test_fp16_loss_scaling_unscales_before_the_step_and_skips_overflows():
     assert scaler.get_scale() == 1024.0
     optimizer_step(_loss(layer), optimizer, scaler)
     assert torch.allclose(layer.weight, torch.tensor([[0.4, -2.8]]))
-    optimizer_step(_loss(layer, float("inf")), optimizer, scaler)  # overflow: no step, the scale halves
+    assert optimizer_step(_loss(layer, float("inf")), optimizer, scaler) is False  # overflow: no step, scale halves
     assert torch.allclose(layer.weight, torch.tensor([[0.4, -2.8]]))
     assert scaler.get_scale() == 512.0
+    assert optimizer_step(_loss(layer), optimizer, scaler) is True
+
+
+def test_a_step_the_grad_scaler_skipped_leaves_the_lr_schedule_where_it_was():
+    """Fine-tuning's warm-up counts updates, not batches: an fp16 overflow (a finite loss whose scaled gradient is
+    not) skips the update and must not advance it."""
+    from demo import engine
+    from moco.unreadable import UnreadableFiles
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            # A bright image's loss 3e35 is finite, but its gradient scaled by 65536 overflows fp32; a dark one's not.
+            return {"loss_a": self.w.sum() * (3e35 if images[0].sum() > 0.5 else 1.0)}
+
+    model = Model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / 10))
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    loader = [([torch.full((1, 1, 1), value, dtype=torch.uint8)], None, [-1], [""]) for value in (255, 0)]
+    engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, None, torch.device("cpu"), 0, 0,
+                           UnreadableFiles(0, torch.device("cpu")))
+    assert scheduler.last_epoch == 1  # two batches, one update
 
 
 def _stop_at_first_step(monkeypatch):

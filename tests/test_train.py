@@ -194,3 +194,37 @@ def test_split_bn_only_in_a_single_process():
     single, ddp = build_model(args, world_size=1), build_model(args, world_size=2)
     assert any(isinstance(m, SplitBatchNorm2d) for m in single.encoder_k.modules())
     assert not any(isinstance(m, SplitBatchNorm2d) for m in ddp.modules())
+
+
+def test_a_moco_step_reads_nothing_back_from_the_device(monkeypatch):
+    """On the meta device any read to the host (.item(), int(), a comparison in Python) raises: the step of
+    pretraining (forward with the key shuffle and the queue, loss, the non-finite watch, the update) never makes the
+    host wait for a GPU. Autocast has no meta backend, so it is the one piece left out."""
+    import contextlib
+
+    from moco import failures
+    from moco.augment import Normalize
+    from moco.train import describe_logits, moco_step
+
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    args = get_parser().parse_args(["-", "-a", "resnet18", "--moco-k", "32", "--mlp", "-b", "16"])
+    meta = torch.device("meta")
+    model = build_model(args, 1, Normalize()).to(meta)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    watch = failures.LossWatch(meta, 4, describe_logits)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    for step in range(3):  # the queue wraps: K 32, batch 16
+        moco_step(model, images, images, optimizer, None, None, meta, watch, step)
+    assert model._ptr == 16
+
+
+def test_the_queue_position_is_read_again_after_a_load():
+    """The host keeps the queue's position; a resumed run's comes from its checkpoint's queue_ptr."""
+    args = get_parser().parse_args(["-", "-a", "resnet18", "--moco-k", "32", "--moco-dim", "8"])
+    model = build_model(args, 1)
+    model._dequeue_and_enqueue(torch.randn(16, 8))
+    state = model.state_dict()
+    fresh = build_model(args, 1)
+    fresh.load_state_dict(state)
+    fresh._dequeue_and_enqueue(torch.ones(16, 8))
+    assert int(fresh.queue_ptr) == 0 and torch.equal(fresh.queue[:, 16:], torch.ones(8, 16))
