@@ -2,12 +2,15 @@
 
 - torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, rendezvous already in the environment);
 - Slurm ``srun``, one task per GPU, any number of nodes (``SLURM_STEP_NUM_TASKS`` > 1): the rendezvous host is
-  the step's first node (``MASTER_ADDR`` from the batch script, else read from the node list without Slurm's
-  commands), the port derives from the job id, so jobs sharing a node never collide; the tasks wait
-  ``$MOCO_RENDEZVOUS_TIMEOUT`` seconds for each other, then stop with a sentence saying so;
+  the step's first node (``RENDEZVOUS_ADDR`` from the batch script or the site config, else read from the node
+  list without Slurm's commands), the port ``RENDEZVOUS_PORT``, else derived from the job id, so jobs sharing a
+  node never collide. ``MASTER_ADDR``/``MASTER_PORT`` are not read: sbatch carries them over from the submitting
+  shell. The tasks wait ``$MOCO_RENDEZVOUS_TIMEOUT`` seconds for each other, then stop with a sentence saying so;
 - anything else is a single process, with no process group.
 The device comes from ``moco.devices.select_device`` (``--device``/``$MOCO_DEVICE``): ``cuda:<local rank>``, or
-the CPU only when no GPU was allocated or the CPU was asked for; the backend is nccl on CUDA, gloo on CPU.
+the CPU only when no GPU was allocated or the CPU was asked for; the backend is nccl on CUDA, gloo on CPU. A Slurm
+task refuses a layout that leaves GPUs idle or puts two tasks on one GPU, and every multi-process run checks one
+all_reduce across all its processes before any data is read.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from .logger import get_logger
 log = get_logger(__name__)
 
 RENDEZVOUS_ENV = "MOCO_RENDEZVOUS_TIMEOUT"
+# The site config's names for the rendezvous of a Slurm step (slurm/site.conf.example), which the batch script
+# also uses to hand its computed address to tasks that may lack Slurm's commands.
+ADDR_ENV, PORT_ENV = "RENDEZVOUS_ADDR", "RENDEZVOUS_PORT"
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,7 @@ def first_host(nodelist: str) -> str:
 
 
 def _master_addr(env) -> str:
-    """The first node of the step, as an address: the batch script exports it (common.sh found it on the host);
-    otherwise its name, when it resolves, else Slurm's NodeAddr for it."""
+    """The first node of the step, as an address: its name, when it resolves, else Slurm's NodeAddr for it."""
     first = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     try:
         socket.getaddrinfo(first, None)
@@ -81,11 +86,66 @@ def _master_addr(env) -> str:
         info = subprocess.run(["scontrol", "show", "node", "-o", first], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SystemExit(f"error: Slurm node {first!r} does not resolve and scontrol cannot say its address ({exc}):"
-                         f" set MASTER_ADDR") from exc
+                         f" set {ADDR_ENV} in the site config") from exc
     addr = re.search(r"NodeAddr=(\S+)", info.stdout)
     if not addr:
-        raise SystemExit(f"error: Slurm node {first!r} does not resolve and has no NodeAddr: set MASTER_ADDR")
+        raise SystemExit(f"error: Slurm node {first!r} does not resolve and has no NodeAddr: set {ADDR_ENV} in the "
+                         f"site config")
     return addr.group(1)
+
+
+def slurm_rendezvous(env) -> tuple[str, int]:
+    """Where the tasks of a Slurm step meet: ``RENDEZVOUS_ADDR``/``RENDEZVOUS_PORT`` when set (the batch script or
+    the site config), else the step's first node and ``slurm_port``. Never ``MASTER_ADDR``/``MASTER_PORT``: a
+    localhost left in the submitting shell would keep a multi-node job waiting, a fixed port make two jobs on one
+    node collide."""
+    port = env.get(PORT_ENV) or str(slurm_port(env["SLURM_JOB_ID"]))
+    if not port.isdigit():
+        raise SystemExit(f"error: {PORT_ENV}={port!r}: a port number")
+    return env.get(ADDR_ENV) or _master_addr(env), int(port)
+
+
+def _gpu_list_length(value: str) -> int:
+    return len([item for item in value.split(",") if item.strip()]) if value not in ("", "NoDevFiles", "-1") else 0
+
+
+def _tasks_on_this_node(launch: Launch, env) -> int:
+    """How many tasks of this step run on this node: ``SLURM_STEP_TASKS_PER_NODE`` ("4(x2),3") at this node's index
+    in the step (``SLURM_NODEID``); at least this task's local rank + 1 where Slurm says nothing."""
+    if launch.launcher == "single":
+        return 1
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match:
+            counts += [int(match[1])] * int(match[2] or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else launch.local_rank + 1
+
+
+def task_layout_problem(launch: Launch, env, visible_gpus: int) -> str | None:
+    """Why this Slurm task's layout misuses the GPUs it sees, or None. Every task of a node sees the same GPUs and
+    takes ``cuda:<local rank % visible>``: fewer tasks than GPUs leave some idle (one task on 4 GPUs would train
+    alone, and MoCo would switch to split BatchNorm, another recipe), more tasks share one. Where Slurm bound each
+    task to GPUs of its own (``--gpus-per-task``: the node has more than this task sees), no two tasks share one and
+    srun's request decides the rest. Outside Slurm and under torchrun, the layout is the user's choice."""
+    if "SLURM_JOB_ID" not in env or launch.launcher == "torchrun" or visible_gpus < 1:
+        return None
+    node_gpus = (int(env["SLURM_GPUS_ON_NODE"]) if env.get("SLURM_GPUS_ON_NODE", "").isdigit()
+                 else _gpu_list_length(env.get("SLURM_JOB_GPUS", "")))
+    if node_gpus > visible_gpus:
+        return None
+    tasks = _tasks_on_this_node(launch, env)
+    if tasks == visible_gpus:
+        return None
+    host = socket.gethostname()
+    fix = (f"run one task per GPU (srun --ntasks-per-node={visible_gpus}; in the job scripts TASKS_PER_NODE unset "
+           f"or {visible_gpus})")
+    if tasks < visible_gpus:
+        return (f"{tasks} Slurm task(s) on {host} see {visible_gpus} GPUs and use one each, so "
+                f"{visible_gpus - tasks} would sit idle: {fix}")
+    return (f"{tasks} Slurm tasks on {host} see {visible_gpus} GPU(s), so local ranks 0 and {visible_gpus} would "
+            f"both take cuda:0: {fix}")
 
 
 def detect_launch(env=os.environ) -> Launch:
@@ -115,9 +175,8 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     launch = detect_launch(env)
     launcher, rank, world_size, local_rank = launch.launcher, launch.rank, launch.world_size, launch.local_rank
     if launcher == "slurm":
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = _master_addr(env)
-        env.setdefault("MASTER_PORT", str(slurm_port(env["SLURM_JOB_ID"])))
+        addr, port = slurm_rendezvous(env)
+        env["MASTER_ADDR"], env["MASTER_PORT"] = addr, str(port)  # for whatever else reads them in this process
     elif launcher == "single" and int(env.get("SLURM_NTASKS", "1")) > 1:
         log.warning("Slurm allocated %s tasks but this process was not started by srun: running alone",
                     env["SLURM_NTASKS"])
@@ -125,6 +184,9 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
         device = select_device(device, local_rank)
     except DeviceError as exc:  # before any rendezvous or data: the user's to fix, in one sentence
         raise SystemExit(f"error: {exc}") from exc
+    problem = task_layout_problem(launch, env, torch.cuda.device_count()) if device.type == "cuda" else None
+    if problem:
+        raise SystemExit(f"error: {problem}")
 
     if world_size > 1:
         group = dict(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
@@ -134,18 +196,45 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
             dist.init_process_group(store=_rendezvous(env, rank, world_size), **group)
         else:  # torchrun's agent runs the rendezvous
             dist.init_process_group(init_method="env://", **group)
+        check_first_collective(device, rank, world_size)
     return DistEnv(rank, world_size, local_rank, device, launcher)
 
 
+def _where(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{socket.gethostname()}, {device}"
+    return f"{socket.gethostname()}, {device} ({torch.cuda.get_device_name(device)})"
+
+
+def check_first_collective(device: torch.device, rank: int, world_size: int) -> None:
+    """One all_reduce of ones across every process, before any data is read: a transport that cannot carry it (a
+    GPU that NCCL cannot use, a blocked interface between nodes) fails here, naming this host and device, instead of
+    in the first training step. The sum must be the world size."""
+    ones = torch.ones(1, device=device)
+    try:
+        dist.all_reduce(ones)
+        total = ones.item()
+    except RuntimeError as exc:  # torch's DistError and its backend errors are RuntimeErrors, and so are CUDA's
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # NCCL's messages run on for lines
+        raise SystemExit(f"error: rank {rank} of {world_size} on {_where(device)}: the first all_reduce across all "
+                         f"tasks failed ({type(exc).__name__}: {first_line}); NCCL_DEBUG=INFO "
+                         f"in the site config logs the transports tried") from exc
+    if total != world_size:
+        raise SystemExit(f"error: rank {rank} of {world_size} on {_where(device)}: the first all_reduce across all "
+                         f"tasks summed to {total:g}, not {world_size}; NCCL_DEBUG=INFO in the site config logs the "
+                         f"transports tried")
+
+
 def _rendezvous(env, rank: int, world_size: int) -> dist.TCPStore:
-    """Rank 0 serves the store at MASTER_ADDR:MASTER_PORT and waits for all ranks; the others connect to it."""
+    """Rank 0 serves the store at the step's rendezvous (MASTER_ADDR:MASTER_PORT, set from ``slurm_rendezvous``)
+    and waits for all ranks; the others connect to it."""
     addr, port, wait = env["MASTER_ADDR"], int(env["MASTER_PORT"]), rendezvous_timeout(env)
     try:
         return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=wait)
     except (RuntimeError, OSError) as exc:  # DistStoreError and DistNetworkError are RuntimeErrors
         raise SystemExit(f"error: rank {rank}: the {world_size} tasks did not all meet at {addr}:{port} within "
                          f"{wait.total_seconds():.0f} s ({RENDEZVOUS_ENV}): a task that never started, or a node that "
-                         f"cannot reach {addr} (NCCL_SOCKET_IFNAME, MASTER_ADDR in the site config). "
+                         f"cannot reach {addr} (NCCL_SOCKET_IFNAME, {ADDR_ENV} in the site config). "
                          f"{type(exc).__name__}: {exc}") from exc
 
 

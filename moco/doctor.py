@@ -1,6 +1,6 @@
 """Preflight: what this process would run on, and whether it can, before any data is read or GPU hour is spent.
 
-    python -m moco.doctor [--device auto|cuda|cpu] [--archs "sm_70 sm_80 sm_90"] [--build-only]
+    python -m moco.doctor [--device auto|cuda|cpu] [--archs "sm_70 sm_80 sm_90"] [--build-only] [--exercise]
 
 Prints the torch, torchvision, CUDA, cuDNN and NCCL versions of the build and the GPU architectures it carries,
 the driver (from nvidia-smi, when there is one), every visible GPU with its capability, memory and whether the
@@ -8,6 +8,8 @@ build has kernels for it, the GPUs the launcher allocated, the launch (torchrun 
 world size, and the device a trainer would take. Exits 1 with one sentence when the build lacks an architecture
 the site needs (``--archs``, default ``$CUDA_ARCHS``), or when GPUs were allocated (or ``--device cuda`` asked for)
 and CUDA cannot use them. ``--build-only`` checks the build alone (``make venv`` runs it after installing).
+``--exercise`` then runs real work on every visible GPU (on the CPU without one; see moco.exercise) and exits 1
+with one sentence naming the host and the GPU whose results are not finite or not those of fp32.
 Every Slurm job runs it first; ``make doctor`` runs it here.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from .devices import (DeviceError, add_device_argument, allocated_gpus, arch_covered, compiled_archs, parse_arch,
                       select_device, sm_name)
 from .distributed import detect_launch
+from .exercise import ExerciseFailed, exercise
 
 
 def missing_archs(required: list[str], compiled: list[str]) -> list[str]:
@@ -87,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default=os.environ.get("CUDA_ARCHS", ""),
                    help="architectures the build must carry (default: $CUDA_ARCHS, set by the site config)")
     p.add_argument("--build-only", action="store_true", help="check the build only, not GPUs or launch")
+    p.add_argument("--exercise", action="store_true",
+                   help="also run about a second of fp16/bf16 matmuls and convolutions on every visible GPU (the CPU "
+                        "without one), checked against fp32")
     args = p.parse_args(argv)
+    if args.build_only and args.exercise:
+        p.error("--exercise needs the GPUs that --build-only leaves alone")
 
     compiled = compiled_archs()
     required = args.archs.split()
@@ -114,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                 device = select_device(args.device, launch.local_rank)
                 report.append(f"device: {device} (--device {args.device})")
             except DeviceError as exc:
+                problem = str(exc)
+        if problem is None and args.exercise:
+            targets = ([torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
+                       else [device])
+            try:
+                report += exercise(targets)
+            except ExerciseFailed as exc:
                 problem = str(exc)
     print("\n".join(f"doctor: {line}" for line in report), flush=True)
     if problem:

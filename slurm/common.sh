@@ -6,9 +6,14 @@
 #   knob NAME DEFAULT        each tunable: ${STAGE}_NAME, else ${GROUP}_NAME, else ALL_NAME, else DEFAULT; so
 #                            R1_EPOCHS=2 is r1's alone, FPN_EXTRA_ARGS the three fine-tuning stages', ALL_WORKERS
 #                            every job's. A bare NAME is never read: a leftover `export EPOCHS=1` changes nothing
-#   unpack_squashfs IMAGE DEST  data staging, when the site ships squashfs images
+#   stage_data IMAGE_VAR DIR_VAR  the data (e.g. UNLABELED_SQSH UNLABELED_DIR) where every node's tasks find it:
+#                            a squashfs image unpacked once, or once a node under NODE_SCRATCH
 #   check_data PATH...       with the knob CHECK_DATA at 1: every file of the job's data checked before training
 #   run_tasks ARGS...        one task per GPU on every node through srun, then requeue when the time limit is near
+# and on_every_node COMMAND... runs COMMAND once on each node of the job (the preflight, per-node staging).
+
+# A step on every node sources this file again, by this path.
+COMMON_SH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 
 log() { echo "$(date '+%F %T') ${SLURM_JOB_ID:+[$SLURM_JOB_NAME $SLURM_JOB_ID] }$*"; }
 die() { log "error: $*"; exit 1; }
@@ -107,10 +112,12 @@ export_network() {
 }
 
 # Before any data is staged or read: the build, the driver, the GPUs this job was given, as the tasks will see
-# them (inside CONTAINER). A job given GPUs that CUDA cannot use stops here, with the doctor's one sentence.
+# them (inside CONTAINER), and a second of real work on each GPU, on every node. A job given GPUs that CUDA cannot
+# use stops here, with the doctor's one sentence; srun's error line names the node.
 preflight() {
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
-    $CONTAINER "$TASK_PYTHON" -m moco.doctor || die "preflight failed (python -m moco.doctor, above); nothing was run"
+    on_every_node $CONTAINER "$TASK_PYTHON" -m moco.doctor --exercise \
+        || die "preflight failed (python -m moco.doctor --exercise on every node, above); nothing was run"
 }
 
 # check_data PATH...: with CHECK_DATA=1 (a knob: R1_CHECK_DATA, FPN_CHECK_DATA, ALL_CHECK_DATA...), python -m
@@ -130,19 +137,42 @@ check_data() {
     die "the data check could not run (python -m demo.check, status $status, above); nothing was run"
 }
 
-# unpack_squashfs IMAGE DEST: unpack once; a parallel or requeued job finds DEST complete or unpacks its own copy
-# and renames it into place, so DEST is never half-written.
+# unpack_squashfs IMAGE DEST: unpack once; a parallel or requeued job, or another node of this job on the same
+# filesystem, finds DEST complete or unpacks its own copy and renames it into place, so DEST is never half-written.
 unpack_squashfs() {
-    local image=$1 dest=$2
-    [[ -d $dest ]] && return 0
+    local image=$1 dest=$2 node=${SLURMD_NODENAME:-$(hostname -s)}
+    if [[ -d $dest ]]; then
+        log "on $node: $dest is already unpacked"
+        return 0
+    fi
     [[ -f $image ]] || die "$image: no such squashfs image (and $dest does not exist)"
     command -v unsquashfs >/dev/null || die "unsquashfs not found: install squashfs-tools, or unpack $image yourself"
-    local partial="$dest.partial.$SLURM_JOB_ID"
-    log "unpacking $image into $dest"
+    local partial="$dest.partial.$SLURM_JOB_ID.$node"
+    log "on $node: unpacking $image into $dest"
     rm -rf "$partial"
     mkdir -p "$(dirname "$dest")" || die "cannot write beside $dest"
     unsquashfs -no-progress -d "$partial" "$image" >/dev/null || die "unsquashfs $image failed"
     mv -T "$partial" "$dest" 2>/dev/null || rm -rf "$partial"  # lost the race: the winner's copy is complete
+}
+
+# stage_data IMAGE_VAR DIR_VAR (e.g. UNLABELED_SQSH UNLABELED_DIR): the tasks of every node must find the folder
+# named by DIR_VAR. Under NODE_SCRATCH (node-local storage) each node unpacks its own copy of the image named by
+# IMAGE_VAR; elsewhere the folder is taken to be on a shared filesystem, unpacked once from here. A job on several
+# nodes then checks, as its tasks see it (inside CONTAINER), that every node has the folder.
+stage_data() {
+    local image=${!1:-} dest=${!2}
+    if [[ -n $image && -n ${NODE_SCRATCH:-} && $dest == "${NODE_SCRATCH%/}"/* ]]; then
+        on_every_node bash -c 'source "$1" && unpack_squashfs "$2" "$3"' stage "$COMMON_SH" "$image" "$dest" \
+            || die "unpacking $image into $dest on every node failed (above)"
+    elif [[ -n $image ]]; then
+        unpack_squashfs "$image" "$dest"
+    fi
+    (( ${SLURM_JOB_NUM_NODES:-1} > 1 )) || return 0
+    # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
+    on_every_node $CONTAINER "$TASK_PYTHON" -c 'import os, sys; sys.exit(not os.path.isdir(sys.argv[1]))' "$dest" \
+        || die "$2=$dest is not a folder on every node of this job (srun names the node above): put it on a" \
+            "filesystem every node mounts, or under NODE_SCRATCH (node-local storage, in the site config) with" \
+            "$1 naming its squashfs image, which each node then unpacks"
 }
 
 WARNED=0
@@ -189,11 +219,75 @@ rendezvous_host() {
     fi
 }
 
+# The tasks' rendezvous, from this job every time: a MASTER_ADDR or MASTER_PORT left in the submitting shell, which
+# sbatch exports, would send every task to another host or onto another job's port. Only the site config's
+# RENDEZVOUS_ADDR / RENDEZVOUS_PORT override it; the tasks read these two (moco/distributed.py), never MASTER_*.
+export_rendezvous() {
+    RENDEZVOUS_ADDR=${RENDEZVOUS_ADDR:-$(rendezvous_host)} && [[ -n $RENDEZVOUS_ADDR ]] || die "no address for" \
+        "the first node of $SLURM_JOB_NODELIST (scontrol show hostnames / show node): set RENDEZVOUS_ADDR in the" \
+        "site config"
+    # moco.distributed.slurm_port's: fixed by the job id, below Linux's ephemeral ports
+    RENDEZVOUS_PORT=${RENDEZVOUS_PORT:-$(( 20000 + SLURM_JOB_ID % 12768 ))}
+    export RENDEZVOUS_ADDR RENDEZVOUS_PORT
+}
+
+# count_gpus: GPU_COUNT, the GPUs this job has on this node, and GPU_SOURCE, the variable that said so. Slurm
+# versions and gres setups differ in which of these they set: a count, lists of indices, the request per node
+# ("[type:]4", "gres/gpu:4", "gres:gpu:type:4"). CUDA_VISIBLE_DEVICES comes last: it may be the submitting shell's.
+count_gpus() {
+    local name value item n
+    GPU_COUNT=0 GPU_SOURCE=
+    for name in SLURM_GPUS_ON_NODE SLURM_STEP_GPUS SLURM_JOB_GPUS SLURM_GPUS_PER_NODE SLURM_TRES_PER_NODE \
+            CUDA_VISIBLE_DEVICES; do
+        value=${!name:-}
+        [[ -n $value && $value != NoDevFiles && $value != -1 ]] || continue
+        n=0
+        case $name in
+            SLURM_GPUS_ON_NODE) [[ $value =~ ^[0-9]+$ ]] && n=$value ;;
+            SLURM_GPUS_PER_NODE)  # [type:]count[,[type:]count...]
+                for item in ${value//,/ }; do [[ ${item##*:} =~ ^[0-9]+$ ]] && (( n += ${item##*:} )); done ;;
+            SLURM_TRES_PER_NODE)  # cpu:6,gres/gpu:4 or gres:gpu:v100:4
+                for item in ${value//,/ }; do
+                    [[ $item =~ ^gres[/:]gpu(:[^:]+)?[:=]([0-9]+)$ ]] && (( n += BASH_REMATCH[2] ))
+                done ;;
+            *)  # indices or UUIDs, ranges such as 0-3 counted whole
+                for item in ${value//,/ }; do
+                    if [[ $item =~ ^([0-9]+)-([0-9]+)$ ]]; then
+                        (( n += BASH_REMATCH[2] - BASH_REMATCH[1] + 1 ))
+                    else
+                        (( n += 1 ))
+                    fi
+                done ;;
+        esac
+        if (( n > 0 )); then
+            GPU_COUNT=$n GPU_SOURCE="$name=$value"
+            return 0
+        fi
+        [[ $name == SLURM_GPUS_ON_NODE && $value == 0 ]] && return 0  # Slurm said: none
+    done
+    return 0
+}
+
+# on_every_node COMMAND...: COMMAND once on every node of the job, all at once, as a step of one task a node; it
+# fails when COMMAND fails on any node (srun's error line names it). The step asks for the node's GPUs by count:
+# otherwise it would inherit a per-task request of the job (--gpus-per-task) and see only some of them.
+on_every_node() {
+    local nodes=${SLURM_JOB_NUM_NODES:-1} gres=()
+    count_gpus
+    (( GPU_COUNT > 0 )) && gres=(--gres=gpu:"$GPU_COUNT")
+    srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 "${gres[@]}" "$@"
+}
+
 run_tasks() {
     # A warning during data staging: requeue now rather than start work that cannot finish.
     (( WARNED )) && requeue "time limit near before the tasks started"
     # One task per GPU; without GPUs (--gres=none) one per node. TASKS_PER_NODE overrides both.
-    local per_node=${TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+    count_gpus
+    local per_node=${TASKS_PER_NODE:-$(( GPU_COUNT > 0 ? GPU_COUNT : 1 ))}
+    local why="one per GPU, $GPU_SOURCE"
+    [[ -n $GPU_SOURCE ]] || why="no GPU allocated"
+    [[ -n ${TASKS_PER_NODE:-} ]] && why=TASKS_PER_NODE
+    log "tasks per node: $per_node ($why)"
     # CPUs a task: the allocation's share, but never more than the cores this node really lets the job use
     # (oversubscribed BLAS threads crawl; a test cluster may declare more CPUs than it has).
     local cores
@@ -202,12 +296,11 @@ run_tasks() {
     local cpus=$(( cores / per_node ))
     (( cpus > 0 )) || cpus=1
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
-    if (( per_node * ${SLURM_JOB_NUM_NODES:-1} > 1 )) && [[ -z ${MASTER_ADDR:-} ]]; then
-        MASTER_ADDR=$(rendezvous_host) && [[ -n $MASTER_ADDR ]] || die "no address for the first node of" \
-            "$SLURM_JOB_NODELIST (scontrol show hostnames / show node): set MASTER_ADDR in the site config"
-        export MASTER_ADDR
+    local meet=
+    if (( per_node * ${SLURM_JOB_NUM_NODES:-1} > 1 )); then
+        export_rendezvous
+        meet=", rendezvous at $RENDEZVOUS_ADDR:$RENDEZVOUS_PORT"
     fi
-    local meet=${MASTER_ADDR:+, rendezvous at $MASTER_ADDR}
     log "srun: ${SLURM_JOB_NUM_NODES:-1} node(s) x $per_node task(s), $cpus CPU(s) each$meet:" \
         "${CONTAINER:+$CONTAINER }$TASK_PYTHON $*"
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose

@@ -58,7 +58,7 @@ class Stage:
     gpus: int
     hours: int
     warn_s: int | None  # the script's --signal lead time; None: no step-level stop (evaluation)
-    data: tuple[str, str]  # (squashfs image, directory) variables: the job unpacks the image when one is set
+    data: tuple[str, str]  # (squashfs image, directory) variables of the site config, for stage_data
     knobs: dict[str, str]  # name -> default, "{RUN_DIR}" fields filled from the config
     argv: Callable[[dict], list[str]]  # from the config and the knobs: what the script passes to python -m
 
@@ -138,6 +138,15 @@ def data_check(stage: Stage, cfg: dict[str, str]) -> list[str]:
             f"CONTAINER={shlex.quote(cfg.get('CONTAINER', ''))} check_data {shlex.quote(cfg[stage.data[1]])}"]
 
 
+def data_staging(stage: Stage, cfg: dict[str, str]) -> str:
+    """The batch script's line for the stage's data: common.sh's stage_data, which unpacks its squashfs image once,
+    or on every node under NODE_SCRATCH, and stops a job on several nodes where a node lacks the folder."""
+    image, directory = stage.data
+    values = {name: cfg.get(name, "") for name in (image, directory, "NODE_SCRATCH", "TASK_PYTHON", "CONTAINER")}
+    return " ".join([*(f"{name}={shlex.quote(value)}" for name, value in values.items()), "stage_data", image,
+                     directory])
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """`python -m <module> <argv>` as one task of a job, in-process. The inherited checkpoint() resubmits this same
     object, so a requeued job calls main with the same argv, and main resumes from checkpoint_last."""
@@ -177,12 +186,16 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
     setup += [f"cd {shlex.quote(str(REPO))} || exit 1",
               f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
               *(f"export {name}={shlex.quote(cfg[name])}" for name in ("MOCO_DEVICE", "CUDA_ARCHS",
-                "MOCO_RENDEZVOUS_TIMEOUT", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG") if cfg.get(name)),
+                "MOCO_RENDEZVOUS_TIMEOUT", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "RENDEZVOUS_ADDR", "RENDEZVOUS_PORT")
+                if cfg.get(name)),
               f"source {shlex.quote(str(REPO / 'slurm' / 'common.sh'))}", "export_network",
-              # common.sh's: the tasks may run in a container without Slurm's commands to find the first node.
-              "export MASTER_ADDR=${MASTER_ADDR:-$(rendezvous_host)}",
-              # common.sh's preflight: a job given GPUs that CUDA cannot use stops before any data is read.
-              f"{python} -m moco.doctor || {{ echo 'preflight failed (python -m moco.doctor, above)' >&2; exit 1; }}",
+              # common.sh's: from the job, never a MASTER_ADDR/PORT of the submitting shell; found here, since the
+              # tasks may run in a container without Slurm's commands to find the first node.
+              "(( ${SLURM_NTASKS:-1} <= 1 )) || export_rendezvous",
+              # common.sh's preflight, on every node: a job given GPUs that CUDA cannot use stops before any data
+              # is read.
+              f"on_every_node {python} -m moco.doctor --exercise || {{ echo 'preflight failed (python -m "
+              f"moco.doctor --exercise on every node, above)' >&2; exit 1; }}",
               # Threads a task: its CPUs, capped like run_tasks at the cores the node really gives.
               "cpus=$(( $(nproc) / SLURM_NTASKS_PER_NODE )); (( cpus <= SLURM_CPUS_PER_TASK )) || "
               "cpus=$SLURM_CPUS_PER_TASK; (( cpus > 0 )) || cpus=1",
@@ -200,15 +213,14 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
         stage = STAGES[name]
         argv = stage_argv(stage, cfg)
         gpus = stage.gpus if args.gpus_per_node is None else args.gpus_per_node
-        image, directory = (cfg.get(var, "") for var in stage.data)
-        unpack = [f"unpack_squashfs {shlex.quote(image)} {shlex.quote(directory)}"] if image else []
         executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_python=python,
                                          slurm_max_num_timeout=int(cfg.get("MAX_REQUEUES") or 20))
         executor.update_parameters(  # None: not set (submitit drops it)
             name=stage.script, nodes=args.nodes, tasks_per_node=max(gpus, 1), gpus_per_node=gpus or None,
             cpus_per_task=CPUS_PER_TASK, timeout_min=args.timeout_min or stage.hours * 60,
             slurm_mem_per_gpu=MEM_PER_GPU if gpus else None, slurm_partition=cfg[stage.partition],
-            slurm_account=cfg.get("ACCOUNT") or None, slurm_setup=setup + unpack + data_check(stage, cfg),
+            slurm_account=cfg.get("ACCOUNT") or None,
+            slurm_setup=[*setup, data_staging(stage, cfg), *data_check(stage, cfg)],
             slurm_signal_delay_s=stage.warn_s, slurm_dependency=f"afterok:{after}" if after else None,
             slurm_additional_parameters={"requeue": True, **({"kill-on-invalid-dep": "yes"} if after else {}),
                                          **extra})

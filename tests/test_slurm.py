@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from moco import checkpoint
+from moco.distributed import slurm_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -134,26 +135,55 @@ def _container_without_slurm(tmp_path) -> str:
     return str(wrapper)
 
 
+@pytest.fixture
+def port_29500_taken():
+    """Another job's rendezvous on this node, on the port a torchrun tutorial leaves in MASTER_PORT."""
+    with socket.socket() as taken:
+        try:
+            taken.bind(("", 29500))
+            taken.listen()
+        except OSError:  # taken already, by something else
+            pass
+        yield
+
+
 @pytest.mark.parametrize("options, nodes, container", [(["--gres=gpu:2"], 1, False),
                                                        (["--nodes=2", "--gres=gpu:1"], 2, False),
                                                        (["--nodes=2", "--gres=gpu:1"], 2, True)],
                          ids=["2-tasks-1-node", "2-nodes", "2-nodes-container-without-slurm"])
-def test_ddp_through_srun(job_env, tmp_path, options, nodes, container):
+def test_ddp_through_srun(job_env, tiny_data, tmp_path, port_29500_taken, options, nodes, container):
     """One task per (fake) GPU on every node, gloo DDP. The node names do not resolve: the batch shell finds the
-    first node's NodeAddr on the host, so that tasks in a container without Slurm's commands meet there too.
-    Submitted from the repository root this time."""
-    env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    first node's NodeAddr on the host, so that tasks in a container without Slurm's commands meet there too. The
+    submitting shell left MASTER_ADDR=localhost MASTER_PORT=29500 (sbatch exports them) and another process holds
+    that port: the job meets at its own address and port instead. The preflight runs on every node. On 2 nodes the
+    data comes as a squashfs image that each node unpacks into NODE_SCRATCH (the local cluster's nodes share one
+    filesystem, so the second may find the first's copy). Submitted from the repository root this time."""
+    env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
     if container:
         env["CONTAINER"] = _container_without_slurm(tmp_path)
+    elif nodes == 2:
+        image = tmp_path / "unlabeled.sqsh"
+        subprocess.run(["mksquashfs", str(tiny_data / "train"), str(image), "-no-progress"], check=True,
+                       capture_output=True)
+        env.update(NODE_SCRATCH=str(tmp_path / "node-local"), UNLABELED_SQSH=str(image),
+                   UNLABELED_DIR=str(tmp_path / "node-local" / "train"))
     job_id = sbatch(env, "slurm/moco_v2.slurm", *options, cwd=ROOT)
     info = wait_done(env, job_id)
     log = log_of(env, "moco_v2", job_id)
     assert info["JobState"] == "COMPLETED", log
-    srun = rf"srun: {nodes} node\(s\) x {2 // nodes} task\(s\), \d+ CPU\(s\) each, rendezvous at 127\.0\.0\.1:"
+    srun = (rf"srun: {nodes} node\(s\) x {2 // nodes} task\(s\), \d+ CPU\(s\) each, rendezvous at "
+            rf"127\.0\.0\.1:{slurm_port(job_id)}: ")
     assert re.search(srun, log), log
     assert "launch slurm: rank 0 of 2" in log
-    if container:  # the preflight and both tasks ran inside it
-        assert (tmp_path / "seen").read_text().splitlines() == ["scontrol: none"] * 3
+    # The doctor once a node: as the step's tasks 0 and 1 on 2 nodes.
+    assert sorted(int(rank) for rank in re.findall(rf"doctor: launch: \w+, rank (\d) of {nodes},", log)) == \
+        list(range(nodes)), log
+    if container:  # the preflight, the data check of a 2-node job, and both tasks ran inside it
+        assert (tmp_path / "seen").read_text().splitlines() == ["scontrol: none"] * 6
+    elif nodes == 2:
+        for node in ("n1", "n2"):
+            assert re.search(rf"on {node}: (unpacking {image} into {env['UNLABELED_DIR']}|{env['UNLABELED_DIR']} "
+                             rf"is already unpacked)\n", log), log
     with pytest.raises(socket.gaierror):  # so the tasks met at n1's NodeAddr
         socket.getaddrinfo("n1", None)
     assert info["NodeList"] == "n[1-2]" if nodes == 2 else info["NodeList"] in ("n1", "n2")
@@ -224,7 +254,7 @@ def test_job_given_gpus_that_cuda_cannot_use_stops_at_the_preflight(job_env, tmp
     assert re.search(r"doctor: error: this job was given GPUs \(SLURM_GPUS_ON_NODE=1[^)]*\) but CUDA cannot use "
                      r"them: ", log), log
     assert "preflight failed" in log and "--device cpu or MOCO_DEVICE=cpu" in log
-    assert "unsquashfs" not in log and "unlabeled.sqsh" not in log and "srun:" not in log
+    assert "unsquashfs" not in log and "unlabeled.sqsh" not in log and "tasks per node" not in log
     assert not (tmp_path / "unlabeled").exists() and not Path(env["RUN_DIR"]).exists()
 
 

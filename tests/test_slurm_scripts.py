@@ -68,6 +68,38 @@ def test_missing_site_config_named_in_the_error(tmp_path):
     assert result.returncode == 1 and f"site config {tmp_path / 'nope.conf'}: no such file" in result.stdout
 
 
+# srun on one node: it notes its call and runs the command after its options.
+FAKE_SRUN = '#!/bin/bash\necho srun >>"$CALLS"\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n'
+
+
+@pytest.mark.parametrize("variables, tasks", [
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_GPUS": "0,1"}, 4),
+    ({"SLURM_STEP_GPUS": "0,1,2,3"}, 4),
+    ({"SLURM_JOB_GPUS": "2,3"}, 2),
+    ({"SLURM_JOB_GPUS": "0-3"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "4"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "a100:2"}, 2),
+    ({"SLURM_TRES_PER_NODE": "gres/gpu:4"}, 4),
+    ({"SLURM_TRES_PER_NODE": "gres:gpu:4"}, 4),
+    ({"SLURM_TRES_PER_NODE": "cpu:6,gres/gpu:v100:3"}, 3),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
+    ({"SLURM_JOB_GPUS": "NoDevFiles", "CUDA_VISIBLE_DEVICES": "GPU-a1,GPU-b2"}, 2),
+    ({"SLURM_GPUS_ON_NODE": "0", "CUDA_VISIBLE_DEVICES": "0,1"}, 1),  # Slurm's word wins over a leftover
+    ({}, 1),
+    ({"SLURM_GPUS_ON_NODE": "4", "TASKS_PER_NODE": "2"}, 2),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+def test_one_task_per_gpu_whichever_variable_counts_them(tmp_path, variables, tasks):
+    """Slurm versions and gres setups set different variables: where SLURM_GPUS_ON_NODE is missing, one task took
+    cuda:0 of 4 and MoCo switched to split BatchNorm, another recipe at a quarter of the speed."""
+    (tmp_path / "srun").write_text('#!/bin/bash\necho "$@" >"$RECORD"\n')
+    (tmp_path / "srun").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RECORD": str(tmp_path / "argv"), "SLURM_JOB_ID": "7",
+           "TASK_PYTHON": "python", "RENDEZVOUS_ADDR": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", **variables}
+    out = bash(f'REPO={ROOT}; source {SLURM}/common.sh; run_tasks -m moco.train', env)
+    assert f"--ntasks-per-node={tasks} " in (tmp_path / "argv").read_text(), out
+    assert f"tasks per node: {tasks} (" in out
+
+
 def test_unpack_squashfs_is_all_or_nothing(tmp_path):
     """A failed unpack leaves no destination behind, so the next job tries again instead of using half a copy."""
     broken = tmp_path / "broken.sqsh"
@@ -126,7 +158,7 @@ def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
     to srun; the knob off runs no check."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\necho srun >>"$CALLS"\n')
+    (bin_dir / "srun").write_text(FAKE_SRUN)
     # The preflight and srun are faked; the check is the real one unless CHECK_STATUS fakes its exit status.
     (bin_dir / "python").write_text(f'#!/bin/bash\necho "python $*" >>"$CALLS"\n[[ $2 == demo.check ]] || exit 0\n'
                                     f'[[ -n $CHECK_STATUS ]] && exit $CHECK_STATUS\nexec {sys.executable} "$@"\n')
@@ -151,19 +183,23 @@ def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
 
     label.write_text("bboxes: [[1, 2, 20, 20]]\nlabels: [dgo]\n")
     status, calls, log = job(1)
-    assert status == 1 and [c.split()[:3] for c in calls] == [["python", "-m", "moco.doctor"],
+    assert status == 1 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.doctor"],
                                                               ["python", "-m", "demo.check"]]
     assert f"unknown class: 1 file\n    {label}: ['dgo']" in log
     assert "error: the data check found errors, listed by kind in its report above in this log" in log
     assert "R1_CHECK_DATA=0" in log.splitlines()[-1]
 
     status, calls, log = job(2, CHECK_STATUS="0")
-    assert status == 0 and calls == ["python -m moco.doctor", f"python -m demo.check {labeled}", "srun"]
+    assert status == 0 and [c.split()[:3] for c in calls] == [
+        ["srun"], ["python", "-m", "moco.doctor"], ["python", "-m", "demo.check"], ["srun"],
+        ["python", "-m", "demo.train"]]
+    assert calls[2] == f"python -m demo.check {labeled}"
     assert "data check passed" in log
 
     status, calls, log = job(3, CHECK_STATUS="2")
-    assert status == 1 and "srun" not in calls
+    assert status == 1 and calls.count("srun") == 1  # the preflight's
     assert "error: the data check could not run (python -m demo.check, status 2, above)" in log
 
     status, calls, _ = job(4, R1_CHECK_DATA="0")
-    assert status == 0 and calls == ["python -m moco.doctor", "srun"]
+    assert status == 0 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.doctor"], ["srun"],
+                                                              ["python", "-m", "demo.train"]]

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from moco import checkpoint
 from slurm import launch
 from slurm_logs import moco_resume_point, stop_point
+from test_slurm_workers import _has_forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -49,12 +51,13 @@ def test_knob_resolution_order_matches_common_sh():
 
 
 def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
-    """Each .slurm script run by bash with a fake srun that records its command: the launcher builds the same
-    argv from the same site config and knobs. A fake python records the preflight, which comes first."""
+    """Each .slurm script run by bash with a fake srun that records its command and runs it: the launcher builds
+    the same argv from the same site config and knobs. A fake python records the preflight, which comes first."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >"$SRUN_RECORD"\necho srun >>"$CALLS"\n')
-    (bin_dir / "python").write_text('#!/bin/bash\necho "python $*" >>"$CALLS"\n')
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >"$SRUN_RECORD"\necho srun >>"$CALLS"\n'
+                                  'while [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "python").write_text('#!/bin/bash\necho "python $1 $2 ${3:0:2}" >>"$CALLS"\n')
     for tool in ("srun", "python"):
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SITE_CONF": str(ROOT / "slurm" / "site.conf.example"),
@@ -69,13 +72,15 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
     cfg = launch.read_config()
     assert cfg["PRETRAIN_PARTITION"] == "v100-4" and cfg["RUN_DIR"] == env["RUN_DIR"]
     for stage in launch.STAGES.values():
+        stage_argv = launch.stage_argv(stage, cfg)
         (tmp_path / "calls").unlink(missing_ok=True)
         subprocess.run(["bash", f"{stage.script}.slurm"], cwd=ROOT / "slurm", check=True,
                        env={**env, "SLURM_JOB_NAME": stage.script})
-        assert (tmp_path / "calls").read_text().splitlines() == ["python -m moco.doctor", "srun"], stage.script
+        assert (tmp_path / "calls").read_text().splitlines() == [
+            "srun", "python -m moco.doctor --", "srun", f"python -m {stage.module} {stage_argv[0][:2]}"], stage.script
         recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
         python = recorded.index(env["TASK_PYTHON"])
-        assert recorded[python + 1:] == ["-m", stage.module, *launch.stage_argv(stage, cfg)], stage.script
+        assert recorded[python + 1:] == ["-m", stage.module, *stage_argv], stage.script
         if stage.script == "moco_v2":
             assert recorded[recorded.index("--epochs") + 1] == "100"
             assert recorded[recorded.index("-a") + 1] == "resnet50"
@@ -101,6 +106,43 @@ def test_check_data_knob_runs_common_shs_check_before_the_tasks(tmp_path):
                           capture_output=True, env={"PATH": os.environ["PATH"], "RECORD": str(tmp_path / "argv")})
     assert done.returncode == 1 and "error: the data check found errors" in done.stdout
     assert (tmp_path / "argv").read_text() == f"-m demo.check {tmp_path / 'my data'}\n"
+
+
+def test_data_staging_on_every_node_and_a_folder_a_node_lacks_refused(tmp_path, tiny_data):
+    """The staging line of the batch script, in bash with an srun faking two nodes (it runs each command once as n1,
+    once as n2): under NODE_SCRATCH each node unpacks its own copy; a job on two nodes whose data folder is not on
+    every node stops, in one sentence naming NODE_SCRATCH."""
+    (tmp_path / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nstatus=0\n'
+                                   'for node in n1 n2; do SLURMD_NODENAME=$node "$@" || status=1; done\n'
+                                   'exit $status\n')
+    (tmp_path / "srun").chmod(0o755)
+    image = tmp_path / "labeled.sqsh"
+    subprocess.run(["mksquashfs", str(tiny_data / "labeled"), str(image), "-no-progress"], check=True,
+                   capture_output=True)
+    scratch = tmp_path / "node-local"
+    cfg = {"LABELED_SQSH": str(image), "LABELED_ROOT": str(scratch / "labeled"), "NODE_SCRATCH": str(scratch),
+           "TASK_PYTHON": sys.executable, "CONTAINER": ""}
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2",
+           "SLURMD_NODENAME": "n1"}
+
+    def staged(cfg) -> subprocess.CompletedProcess:
+        line = launch.data_staging(launch.STAGES["r1"], cfg)
+        return subprocess.run(["bash", "-c", f"source slurm/common.sh; {line}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    done = staged(cfg)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(rf"on n1: unpacking {image} into {scratch}/labeled\n", done.stdout), done.stdout
+    assert f"on n2: {scratch}/labeled is already unpacked" in done.stdout  # the fake nodes share a filesystem
+    assert (scratch / "labeled" / "training" / "images").is_dir()
+    assert not list(scratch.glob("*.partial.*"))
+
+    done = staged({**cfg, "LABELED_SQSH": "", "LABELED_ROOT": str(tmp_path / "nowhere")})
+    assert done.returncode == 1
+    assert done.stdout.rstrip().endswith(
+        f"error: LABELED_ROOT={tmp_path / 'nowhere'} is not a folder on every node of this job (srun names the node "
+        f"above): put it on a filesystem every node mounts, or under NODE_SCRATCH (node-local storage, in the site "
+        f"config) with LABELED_SQSH naming its squashfs image, which each node then unpacks"), done.stdout
 
 
 def job_info(job_id: str) -> dict:
@@ -168,16 +210,28 @@ def _slow_pretraining(monkeypatch, stages: str) -> list:
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.parametrize("command, stopped_by, through_submitit", [
-    (["scancel", "--signal=USR2"], "SIGUSR2", True),  # what submitit's --signal=USR2@300 sends near the time limit
+    # What submitit's --signal=USR2@300 sends near the time limit: to every process, data-loader workers included,
+    # here under forkserver (Python 3.14's default), whose workers do not inherit the task's handler.
+    (["scancel", "--signal=USR2"], "SIGUSR2", True),
     (["scontrol", "requeue"], "SIGTERM", False),  # a preemption that requeues: Slurm sends SIGTERM and requeues
-], ids=["time-limit-signal", "scontrol-requeue"])
-def test_interrupted_pretraining_checkpoints_at_the_step_and_resumes(launch_env, monkeypatch, command, stopped_by,
-                                                                   through_submitit):
+], ids=["time-limit-signal-forkserver-workers", "scontrol-requeue"])
+def test_interrupted_pretraining_checkpoints_at_the_step_and_resumes(launch_env, monkeypatch, tmp_path, command,
+                                                                   stopped_by, through_submitit):
+    if stopped_by == "SIGUSR2":
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text("import multiprocessing\n"
+                                               "multiprocessing.set_start_method('forkserver')\n")
+        monkeypatch.setenv("PYTHONPATH", f"{site}:{launch_env['PYTHONPATH']}")
+        monkeypatch.setenv("MOCO_WORKERS", "1")
     [job] = _slow_pretraining(monkeypatch, "moco")
+    forkserver = _has_forkserver(job.job_id)
     subprocess.run([*command, job.job_id], check=True)
     info = wait_done(job.job_id, 180)
     log = logs(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert forkserver == (stopped_by == "SIGUSR2")
+    assert not any(failure in log for failure in ("killed by signal", "exited unexpectedly")), log
     assert moco_resume_point(log) == stop_point(log, stopped_by, 8) >= (1, 0), log
     assert ("Requeued job" in log) == through_submitit, log
     metrics = Path(launch_env["RUN_DIR"]) / "moco" / "metrics.jsonl"

@@ -32,6 +32,8 @@ def _kill(pids, *signals):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_workers_outlive_stop_signals_mid_epoch(method):
+    """SIGUSR1 and SIGTERM from the batch script and Slurm, SIGUSR2 from submitit's --signal (without B:, it reaches
+    every process)."""
     loader = DataLoader(SlowItems(), batch_size=2, num_workers=2, multiprocessing_context=method,
                         persistent_workers=True)
     items, pids = [], []
@@ -39,7 +41,7 @@ def test_workers_outlive_stop_signals_mid_epoch(method):
         items += batch[:, 0].tolist()
         pids.append(set(batch[:, 1].tolist()))
         if len(pids) == 2:  # one batch from each worker
-            _kill(set.union(*pids), "TERM", "USR1")
+            _kill(set.union(*pids), "TERM", "USR1", "USR2")
     assert items == list(range(32))
     assert set.union(*pids[2:]) == set.union(*pids[:2])  # the same two workers served the rest of the epoch
 
