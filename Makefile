@@ -54,7 +54,7 @@ SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots figures demo bench test test-fast mutate
-.PHONY: clean slurm-up slurm-down pipeline
+.PHONY: gpu-check clean slurm-up slurm-down pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
@@ -121,6 +121,13 @@ demo: finetune evaluate plots ## The main job end to end on the tiny dataset: pr
 
 bench: data ## Speed and memory of our defaults vs the original's way, as ratios in one run (~15 min; runs/bench)
 	$(PY) -m demo.bench --output-dir runs/bench --data $(DATA)/train
+
+# `make gpu-check`: what runs on a GPU, checked by one script sized for under 8 minutes on one GPU (not yet timed on
+# one); figures in runs/gpu-check/gpu_check.json. DEVICE=cpu rehearses the same script on the CPU.
+DEVICE ?= cuda
+
+gpu-check: data ## Check a GPU: preflight, MoCo step vs CPU, host syncs, r1, evaluation, bench, 2 ranks (DEVICE=cpu)
+	$(PY) -m demo.gpu_check --device $(DEVICE) --data $(DATA) --output-dir runs/gpu-check
 
 test: $(STAMP) ## Run the whole test suite (PYTEST_ARGS="-m 'not slurm'" and the like pass through)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
