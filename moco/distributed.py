@@ -149,11 +149,15 @@ def task_layout_problem(launch: Launch, env, visible_gpus: int) -> str | None:
 
 
 def detect_launch(env=os.environ) -> Launch:
-    """How this process was started, from the environment alone (no process group is joined)."""
-    if "RANK" in env and "WORLD_SIZE" in env:
+    """How this process was started, from the environment alone (no process group is joined). Inside a Slurm step
+    of several tasks, ``RANK``/``WORLD_SIZE`` count only where torchrun's agent set them (``TORCHELASTIC_RUN_ID``):
+    sbatch carries a ``RANK=0 WORLD_SIZE=1`` left in the submitting shell into every task, which would make each
+    task train alone into the same run."""
+    slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "RANK" in env and "WORLD_SIZE" in env and (slurm_tasks == 1 or "TORCHELASTIC_RUN_ID" in env):
         return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_LOCALID"]))
+    if slurm_tasks > 1:
+        return Launch("slurm", int(env["SLURM_PROCID"]), slurm_tasks, int(env["SLURM_LOCALID"]))
     return Launch("single", 0, 1, 0)
 
 
@@ -176,7 +180,9 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     launcher, rank, world_size, local_rank = launch.launcher, launch.rank, launch.world_size, launch.local_rank
     if launcher == "slurm":
         addr, port = slurm_rendezvous(env)
-        env["MASTER_ADDR"], env["MASTER_PORT"] = addr, str(port)  # for whatever else reads them in this process
+        # for whatever else reads them in this process, in place of values the submitting shell left
+        env.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_RANK=str(local_rank))
     elif launcher == "single" and int(env.get("SLURM_NTASKS", "1")) > 1:
         log.warning("Slurm allocated %s tasks but this process was not started by srun: running alone",
                     env["SLURM_NTASKS"])
@@ -262,8 +268,9 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 def average_running_stats(module: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks.
 
-    DDP broadcasts rank 0's buffers at the start of every forward, so after the last step each rank holds
-    statistics of its own shard; averaging makes the saved model reflect every rank's data and the ranks agree.
+    MoCo's DDP does not broadcast buffers (``broadcast_buffers=False``: the queue would go out every step), so each
+    rank's statistics follow its own shard; averaging before a save makes the saved model reflect every rank's data
+    and the ranks agree.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -77,6 +77,20 @@ def test_slurm_srun_environment_is_detected(tiny_data, tmp_path, subprocess_env)
     _assert_same_weights(tmp_path / "rank")
 
 
+@pytest.mark.parametrize("extra, launch", [
+    ({}, ("slurm", 1, 2, 1)),  # a RANK/WORLD_SIZE left in the submitting shell: srun's counts win
+    ({"TORCHELASTIC_RUN_ID": "7"}, ("torchrun", 0, 1, 0)),  # torchrun started inside each task sets its own
+    ({"SLURM_STEP_NUM_TASKS": "1"}, ("torchrun", 0, 1, 0)),  # one srun task running torchrun
+])
+def test_leftover_rank_variables_do_not_override_srun(extra, launch):
+    from moco.distributed import detect_launch
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "SLURM_JOB_ID": "9", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
+           "SLURM_LOCALID": "1", **extra}
+    found = detect_launch(env)
+    assert (found.launcher, found.rank, found.world_size, found.local_rank) == launch
+
+
 @pytest.mark.parametrize("nodelist, first", [
     ("n1", "n1"), ("n[1-2]", "n1"), ("gpu[07-09,12],cpu3", "gpu07"), ("a1,b[2-3]", "a1"),
     ("rack[2-3]-node[04-05]", "rack2-node04"), ("x-[001-004]", "x-001"), ("c[5,1-2]", "c5")])

@@ -154,11 +154,12 @@ def port_29500_taken():
 def test_ddp_through_srun(job_env, tiny_data, tmp_path, port_29500_taken, options, nodes, container):
     """One task per (fake) GPU on every node, gloo DDP. The node names do not resolve: the batch shell finds the
     first node's NodeAddr on the host, so that tasks in a container without Slurm's commands meet there too. The
-    submitting shell left MASTER_ADDR=localhost MASTER_PORT=29500 (sbatch exports them) and another process holds
-    that port: the job meets at its own address and port instead. The preflight runs on every node. On 2 nodes the
+    submitting shell left MASTER_ADDR=localhost MASTER_PORT=29500 RANK=0 WORLD_SIZE=1 (sbatch exports them) and
+    another process holds that port: the job meets at its own address and port instead, with srun's ranks. The preflight runs on every node. On 2 nodes the
     data comes as a squashfs image that each node unpacks into NODE_SCRATCH (the local cluster's nodes share one
     filesystem, so the second may find the first's copy). Submitted from the repository root this time."""
-    env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if container:
         env["CONTAINER"] = _container_without_slurm(tmp_path)
     elif nodes == 2:
