@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.val_freq < 1:
         parser.error(f"--val-freq {args.val_freq}: at least 1")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:  # before any process group or data: nothing would train
+            parser.error(f"{flag} {value}: at least 1, or nothing would train")
     env = init_distributed(args.device)
     stage_dir = Path(args.output_dir) / args.stage
     lock = DirectoryLock(stage_dir)

@@ -279,7 +279,11 @@ def key_spread(queue: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> MoCo:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--moco-k", args.moco_k)):
+        if value < 1:  # before any process group or data: a request that would train nothing, refused
+            parser.error(f"{flag} {value}: at least 1, or nothing would train")
     env = init_distributed(args.device)
     output_dir = Path(args.output_dir)
     if env.is_main:

@@ -293,6 +293,16 @@ def test_two_process_training_under_torchrun(chain, tmp_path, subprocess_env):
     assert "on 2 process(es) [torchrun]" in (run / "r2" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("-b", "0"), ("-b", "-4")])
+def test_a_stage_that_trains_nothing_is_refused_before_anything_starts(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        demo_train.main(["--stage", "r1", "--dataset-root", str(tmp_path / "nowhere"), "--output-dir",
+                         str(tmp_path / "run"), flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"{value}: at least 1, or nothing would train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_val_freq_validates_every_nth_epoch_and_the_stages_last(tmp_path, monkeypatch, capsys):
     from moco.tinyset import generate
 

@@ -177,6 +177,17 @@ def test_missing_data_or_checkpoint_is_a_one_line_error(tiny_data, tmp_path):
         main(_args(tiny_data, tmp_path / "run", "--epochs", "1", "--resume", str(tmp_path / "gone.pth.tar")))
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-3"), ("-b", "0"), ("--moco-k", "0")])
+def test_a_request_that_trains_nothing_is_refused_before_anything_starts(tmp_path, capsys, flag, value):
+    """--epochs 0 used to exit 0 with no checkpoint and no message. The data path does not exist: the refusal
+    comes first, with argparse's usage status, and no output directory is made."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"{value}: at least 1, or nothing would train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--moco-k 100 must be a multiple of --batch-size 32"):
         main(_args(tiny_data, tmp_path, "--epochs", "1", "--moco-k", "100"))
