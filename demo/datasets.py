@@ -139,12 +139,6 @@ def _course_set(root: str | Path, split: str, transforms=None) -> DetectionSet:
                         source=f"{Path(root) / split}", problems=problems)
 
 
-def coco_split(annotation_file: str | Path, image_dir: str | Path, transforms=None,
-               strict: bool = False) -> DetectionSet:
-    """A COCO instances file; crowd regions are left out of training targets and ground truth."""
-    return _checked(_coco_set(annotation_file, image_dir, transforms), strict)
-
-
 def _coco_set(annotation_file: str | Path, image_dir: str | Path, transforms=None) -> DetectionSet:
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     try:

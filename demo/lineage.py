@@ -48,13 +48,13 @@ def check_backbone(path: str | Path) -> dict:
     return runs.identity(ckpt, path)
 
 
-def describe(record: dict | str | None, stage: str | None) -> str:
+def describe_upstream(record: dict | str | None, stage: str | None) -> str:
     """An upstream record in words; ``stage``: the previous stage, None for r1's backbone."""
     if record == UNKNOWN:
         return "an upstream that was not recorded (an older checkpoint)"
     if record is None:
         return "no backbone (a random initialisation)"
-    return f"{stage or 'backbone'} {runs.describe(record)}"
+    return f"{stage or 'backbone'} {runs.describe_checkpoint(record)}"
 
 
 def changed_upstream(ckpt: dict, path: Path, stage_dir: Path, bp: str = "") -> str | None:
@@ -78,8 +78,8 @@ def changed_upstream(ckpt: dict, path: Path, stage_dir: Path, bp: str = "") -> s
     current = runs.identity(checkpoint.load(current_path, mmap=True), current_path)
     if recorded is not None and runs.same_checkpoint(recorded, current):
         return None
-    return (f"{path}: stage {ckpt['stage']} was trained from {describe(recorded, previous)}, but {current_path} "
-            f"now holds {describe(current, previous)}")
+    return (f"{path}: stage {ckpt['stage']} was trained from {describe_upstream(recorded, previous)}, but {current_path} "
+            f"now holds {describe_upstream(current, previous)}")
 
 
 def check_chain(path: str | Path) -> None:

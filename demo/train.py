@@ -183,7 +183,7 @@ def claim_stage(args: argparse.Namespace, stage_dir: Path, lock: DirectoryLock) 
     own = stage_dir / checkpoint.LAST
     if not args.restart or not own.is_file():
         return None
-    own, _ = runs.first_readable([own, stage_dir / BEST])  # as starting_point chooses, which says why
+    own, _ = runs.first_loadable_checkpoint([own, stage_dir / BEST])  # as starting_point chooses, which says why
     if lineage.changed_upstream(checkpoint.load(own, mmap=True), own, stage_dir, args.bp) is None:
         log.info("--restart: %s still matches what it was trained from, and continues", own)
         return None
@@ -323,7 +323,7 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
              "%s, precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
              end_epoch - 1, start_step, protocol.name, lr, args.batch_size, env.world_size, env.launcher, device,
              amp_dtype or "fp32", val_dtype or "fp32")
-    log.info("run id %s, started from %s%s", run_id, lineage.describe(upstream, stage.previous),
+    log.info("run id %s, started from %s%s", run_id, lineage.describe_upstream(upstream, stage.previous),
              f" ({upstream['path']})" if isinstance(upstream, dict) else "")
     log.info("model %s; train %d images (%s), validation %d images, %d classes", config.to_dict(),
              len(train_set), train_set.source, len(val_set), len(train_set.categories))

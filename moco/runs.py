@@ -58,11 +58,11 @@ def same_checkpoint(a: dict, b: dict) -> bool:
     return (a["run_id"], a["epoch"]) == (b["run_id"], b["epoch"])
 
 
-def describe(record: dict) -> str:
+def describe_checkpoint(record: dict) -> str:
     return f"run {record['run_id']} at epoch {record['epoch']}"
 
 
-def first_readable(paths: Iterable[Path]) -> tuple[Path, list[str]]:
+def first_loadable_checkpoint(paths: Iterable[Path]) -> tuple[Path, list[str]]:
     """The first of ``paths`` that reads as a checkpoint, and why each one before it did not; a ValueError naming
     every file tried when none does."""
     paths, unreadable = list(paths), []
@@ -85,7 +85,7 @@ def resume_file(own_last: Path, resume: str, fallbacks: Iterable[Path] = ()) -> 
         if resume and Path(resume).resolve() != own_last.resolve():
             log.warning("--resume %s ignored: %s already has its own checkpoint %s, which this run continues",
                         resume, own_last.parent, own_last.name)
-        chosen, unreadable = first_readable([own_last, *fallbacks])
+        chosen, unreadable = first_loadable_checkpoint([own_last, *fallbacks])
         if unreadable:
             log.warning("%s; continuing from %s instead", "; ".join(unreadable), chosen)
         return chosen
