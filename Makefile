@@ -53,7 +53,7 @@ PIPELINE ?= moco_v2 demo_mocov2_fpn_r1 demo_mocov2_fpn_r2 demo_mocov2_fpn_r3 eva
 SBATCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots figures demo bench test test-fast mutate
+.PHONY: help venv doctor data check-data pretrain finetune compare evaluate plots figures demo bench test test-fast lint mutate
 .PHONY: gpu-check clean slurm-up slurm-down pipeline
 
 help: ## List the targets
@@ -131,6 +131,9 @@ gpu-check: data ## Check a GPU: preflight, MoCo step vs CPU, host syncs, r1, eva
 
 test: $(STAMP) ## Run the whole test suite (PYTEST_ARGS="-m 'not slurm'" and the like pass through)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Lint the Python code (ruff, settings in pyproject.toml: 120 columns, import order, bugbear)
+	$(VENV)/bin/ruff check moco demo tests slurm
 
 test-fast: $(STAMP) ## Run the tests without the slow tier (multi-process, end to end, real Slurm)
 	$(PY) -m pytest -m "not slow" tests

@@ -9,7 +9,7 @@ it, so it reads on any background; it sits above the box, moved down over the bo
 from __future__ import annotations
 
 import colorsys
-from typing import Iterable
+from collections.abc import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 

@@ -13,9 +13,9 @@ import contextlib
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -55,7 +55,7 @@ def _short(filename: str) -> str:
 class StepCounted:
     """A loader whose iteration tells ``counter`` which step is running (the loop asks for a step's batch first)."""
 
-    def __init__(self, loader, counter: "SyncCounter"):
+    def __init__(self, loader, counter: SyncCounter):
         self.loader, self.counter = loader, counter
 
     def __len__(self) -> int:
@@ -86,7 +86,7 @@ class SyncCounter:
                                any(_short(f.filename) == _SCALER_FILE for f in stack)))
 
     @contextlib.contextmanager
-    def watching(self, device: torch.device) -> Iterator["SyncCounter"]:
+    def watching(self, device: torch.device) -> Iterator[SyncCounter]:
         """Records the synchronisations inside; other warnings are shown as usual. Without CUDA nothing is raised,
         and the code around it runs the same."""
         cuda = device.type == "cuda"

@@ -78,8 +78,8 @@ def changed_upstream(ckpt: dict, path: Path, stage_dir: Path, bp: str = "") -> s
     current = runs.identity(checkpoint.load(current_path, mmap=True), current_path)
     if recorded is not None and runs.same_checkpoint(recorded, current):
         return None
-    return (f"{path}: stage {ckpt['stage']} was trained from {describe_upstream(recorded, previous)}, but {current_path} "
-            f"now holds {describe_upstream(current, previous)}")
+    return (f"{path}: stage {ckpt['stage']} was trained from {describe_upstream(recorded, previous)}, but "
+            f"{current_path} now holds {describe_upstream(current, previous)}")
 
 
 def check_chain(path: str | Path) -> None:

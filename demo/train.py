@@ -80,8 +80,16 @@ from .datasets import ReplacingUnreadable, collate, load_split
 from .engine import predict, train_one_epoch
 from .inference import for_inference
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
-from .recipe import (DEFAULT_PROTOCOL, PROTOCOLS, STAGES, UNRECORDED_PROTOCOL, Protocol, multiscale_sizes, scaled_lr,
-                     warmup_factor)
+from .recipe import (
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+    STAGES,
+    UNRECORDED_PROTOCOL,
+    Protocol,
+    multiscale_sizes,
+    scaled_lr,
+    warmup_factor,
+)
 from .sampler import GroupedBatchSampler
 from .transforms import train_transforms
 
@@ -392,8 +400,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
             stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch,
                                     args.print_freq, unreadable_files, first_step)
         except (preemption.Preempted, TooManyUnreadable) as stop:
+            step = stop.step  # the except clause unbinds ``stop``; the save below reads the step
             runs.decided_by_rank0(
-                lambda: checkpoint.save_atomic(state(epoch, stop.step, last_val), stage_dir / checkpoint.LAST), device)
+                lambda: checkpoint.save_atomic(state(epoch, step, last_val), stage_dir / checkpoint.LAST), device)
             raise
         # The epoch's training is kept even if the job is killed during validation, its statistics with it for the
         # record that the resumed run writes after redoing the validation.

@@ -9,7 +9,7 @@ queue's position is kept on the host too.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -6,8 +6,8 @@ The course ships ``unlabeled_224.sqsh``; ``unsquashfs -d train unlabeled_224.sqs
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler

@@ -25,8 +25,16 @@ import sys
 
 import torch
 
-from .devices import (DeviceError, add_device_argument, allocated_gpus, arch_covered, compiled_archs, parse_arch,
-                      select_device, sm_name)
+from .devices import (
+    DeviceError,
+    add_device_argument,
+    allocated_gpus,
+    arch_covered,
+    compiled_archs,
+    parse_arch,
+    select_device,
+    sm_name,
+)
 from .distributed import detect_launch
 from .exercise import ExerciseFailed, exercise
 

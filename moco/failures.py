@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist

@@ -11,8 +11,8 @@ every other fp32 matmul and convolution on Ampere and newer GPUs uses (moco.devi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

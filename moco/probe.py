@@ -28,7 +28,8 @@ from .images import load_rgb
 from .labels import fit_boxes
 
 
-def load_crops(root: str | Path, split: str, size: int, max_images: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def load_crops(root: str | Path, split: str, size: int,
+               max_images: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """uint8 crops Nx3xSxS of every box of a split (the first ``max_images`` images when given) and their names."""
     pairs = list_split(root, split)
     if max_images is not None and len(pairs) > max_images:

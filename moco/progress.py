@@ -13,7 +13,8 @@ import logging
 import shutil
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 import torch.distributed as dist
 

@@ -75,14 +75,16 @@ ARCHS = sorted(
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", metavar="DATA_DIR", help="unlabeled images: train/, train/unlabeled/ or a flat folder")
     p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS)
     p.add_argument("-j", "--workers", default=4, type=int, help="data-loading workers per process")
     p.add_argument("--epochs", default=200, type=int)
     p.add_argument("-b", "--batch-size", default=256, type=int, help="total over all processes")
     p.add_argument("--lr", "--learning-rate", default=0.03, type=float, dest="lr")
-    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 at these epochs (without --cos)")
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
+                   help="lr x0.1 at these epochs (without --cos)")
     p.add_argument("--momentum", default=0.9, type=float)
     p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
     p.add_argument("-p", "--print-freq", default=10, type=int, help="log every N steps")
@@ -114,7 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default=0, type=int,
                    help="after each numbered save keep only the newest N checkpoint_NNNN (0: all); checkpoint_last "
                         "is always kept")
-    p.add_argument("--probe-data", default="", help="labeled root (<root>/training, <root>/validation) for the kNN probe")
+    p.add_argument("--probe-data", default="",
+                   help="labeled root (<root>/training, <root>/validation) for the kNN probe")
     p.add_argument("--probe-freq", default=10, type=int, help="kNN probe every N epochs (0: never)")
     p.add_argument("--probe-k", default=20, type=int)
     p.add_argument("--probe-max-images", default=2000, type=int, help="labeled images per split used by the probe")
@@ -332,7 +335,8 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
         try:
             model.load_state_dict(checkpoint.strip_prefix(ckpt["state_dict"]))
         except RuntimeError as exc:
-            raise SystemExit(f"{resume_from}: does not fit this model (check --moco-k/--moco-dim/--mlp): {exc}")
+            raise SystemExit(f"{resume_from}: does not fit this model (check --moco-k/--moco-dim/--mlp): "
+                             f"{exc}") from exc
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -404,9 +408,10 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
             stats = train_one_epoch(ddp_model, loader, optimizer, scaler, amp_dtype, epoch, args, device,
                                     env.world_size, unreadable_files, watch, first_step)
         except (preemption.Preempted, TooManyUnreadable) as stop:
+            step = stop.step  # the except clause unbinds ``stop``; the save below reads the step
             watch.check(epoch)  # a diverged run saves nothing
             average_running_stats(model)  # the ranks' own statistics, as at an epoch's end
-            runs.decided_by_rank0(lambda: checkpoint.save_atomic(state(epoch, stop.step), output_dir / checkpoint.LAST),
+            runs.decided_by_rank0(lambda: checkpoint.save_atomic(state(epoch, step), output_dir / checkpoint.LAST),
                                   device)
             raise
         average_running_stats(model)

@@ -18,7 +18,8 @@ Validation, evaluation and the kNN probe never replace an image: that would chan
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

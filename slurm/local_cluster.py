@@ -305,7 +305,7 @@ def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> bool:
             time.sleep(0.5)
     # Only the recorded PIDs, newest first (slurmd, slurmctld, then munged they authenticate with); never by name.
     for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        for name, pid in reversed(list(alive.items())):
+        for pid in reversed(list(alive.values())):
             if _ours(pid, d):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)

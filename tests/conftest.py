@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +54,7 @@ def subprocess_env() -> dict:
 def slurm_cluster(tmp_path_factory):
     """A private two-node Slurm (n1, n2, 4 fake GPUs each, the example config's partitions) for the session,
     started by the same code as `make slurm-up` (which installs Slurm when it is missing)."""
-    sys.path.insert(0, str(ROOT / "slurm"))
-    import local_cluster
+    from slurm import local_cluster
 
     cluster = local_cluster.start(tmp_path_factory.mktemp("slurm"), nodes=2, gpus=4)
     yield cluster

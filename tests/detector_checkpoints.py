@@ -1,6 +1,6 @@
 """Untrained demo.train-style detector checkpoints whose classifier is tilted to give boxes, for inference tests."""
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -11,13 +11,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.models.detection import FasterRCNN
 
+from demo import coco_eval
+from demo import engine as demo_engine
 from demo import evaluate as demo_evaluate
 from demo import train as demo_train
 from demo.datasets import course_split
 from demo.engine import predict
 from demo.model import DetectorConfig, build_detector
-from demo import coco_eval
-from demo import engine as demo_engine
 from moco import checkpoint, failures, preemption
 from moco import train as moco_train
 

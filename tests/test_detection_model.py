@@ -3,8 +3,14 @@ import torch
 import torchvision.models as tv_models
 from torchvision.ops import FrozenBatchNorm2d
 
-from demo.model import (DetectorConfig, build_detector, detector_from_checkpoint, infer_arch, load_backbone,
-                        read_backbone)
+from demo.model import (
+    DetectorConfig,
+    build_detector,
+    detector_from_checkpoint,
+    infer_arch,
+    load_backbone,
+    read_backbone,
+)
 
 TINY = dict(arch="resnet18", min_size=64, max_size=96, rois_per_image=16, fpn_channels=32)
 

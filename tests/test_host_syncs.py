@@ -10,7 +10,7 @@ from demo import host_syncs
 
 def _synchronise():
     """A call that makes the host wait, as torch reports it under set_sync_debug_mode("warn")."""
-    warnings.warn(host_syncs.MESSAGE, UserWarning)
+    warnings.warn(host_syncs.MESSAGE, UserWarning, stacklevel=1)
 
 
 def test_syncs_are_counted_by_step_and_origin_and_judged_after_the_warmup():
@@ -23,7 +23,7 @@ def test_syncs_are_counted_by_step_and_origin_and_judged_after_the_warmup():
         for step, _ in enumerate(counter.steps(list(range(12)))):
             for _ in range(per_step.get(step, 0)):
                 _synchronise()
-            warnings.warn("not a synchronisation", UserWarning)
+            warnings.warn("not a synchronisation", UserWarning, stacklevel=1)
         _synchronise()  # after the last one
     assert len(shown) == 12 and all(str(w.message) == "not a synchronisation" for w in shown)
     assert [s.step for s in counter.syncs] == ["start", 0, 0, 1, 5, 7, 10, 10, "end"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_builder import tiny_encoder
 
 from moco.batchnorm import SplitBatchNorm2d, convert_split_batchnorm
 from moco.builder import MoCo
 from moco.train import build_model, get_parser
-from test_builder import tiny_encoder
 
 N, SPLITS, M, T = 8, 2, 0.9, 0.2
 

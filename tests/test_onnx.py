@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from detector_checkpoints import save_detector
 from PIL import Image
 
 from demo import onnx_export as ox
 from demo.model import detector_from_checkpoint
-from detector_checkpoints import save_detector
 from moco import checkpoint
 
 onnx = pytest.importorskip("onnx")

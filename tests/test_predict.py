@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import yaml
+from detector_checkpoints import save_detector
 from PIL import Image
 
 from demo import draw
 from demo import evaluate as demo_evaluate
 from demo import predict as demo_predict
-from detector_checkpoints import save_detector
 from moco.course import CLASSES
 from moco.unreadable import EXIT_DATAERR
 

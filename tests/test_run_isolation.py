@@ -14,8 +14,8 @@ from demo import evaluate as demo_evaluate
 from demo import lineage
 from demo import train as demo_train
 from moco import checkpoint, runs
-from moco.logger import setup_logging
 from moco import train as moco_train
+from moco.logger import setup_logging
 from moco.runlock import DirectoryLock
 
 MOCO = ["-a", "resnet18", "--image-size", "32", "-b", "32", "--moco-k", "64", "--mlp", "-j", "0", "--bn-splits", "4",

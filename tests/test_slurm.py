@@ -105,7 +105,7 @@ def test_full_pipeline_of_the_five_scripts_on_tiny_data(job_env, tiny_data, tmp_
                          check=True, capture_output=True, text=True, timeout=60).stdout
     ids = dict(line.split() for line in out.splitlines() if line.split()[0] in SCRIPTS)
     assert list(ids) == SCRIPTS, out
-    info = wait_done(env, ids["eval_mocov2_fpn"], timeout=900)
+    wait_done(env, ids["eval_mocov2_fpn"], timeout=900)
     states = {name: job_info(env, job_id)["JobState"] for name, job_id in ids.items()}
     assert states == dict.fromkeys(SCRIPTS, "COMPLETED"), {n: log_of(env, n, ids[n])[-2000:] for n in SCRIPTS}
 
@@ -155,9 +155,10 @@ def test_ddp_through_srun(job_env, tiny_data, tmp_path, port_29500_taken, option
     """One task per (fake) GPU on every node, gloo DDP. The node names do not resolve: the batch shell finds the
     first node's NodeAddr on the host, so that tasks in a container without Slurm's commands meet there too. The
     submitting shell left MASTER_ADDR=localhost MASTER_PORT=29500 RANK=0 WORLD_SIZE=1 (sbatch exports them) and
-    another process holds that port: the job meets at its own address and port instead, with srun's ranks. The preflight runs on every node. On 2 nodes the
-    data comes as a squashfs image that each node unpacks into NODE_SCRATCH (the local cluster's nodes share one
-    filesystem, so the second may find the first's copy). Submitted from the repository root this time."""
+    another process holds that port: the job meets at its own address and port instead, with srun's ranks. The
+    preflight runs on every node. On 2 nodes the data comes as a squashfs image that each node unpacks into
+    NODE_SCRATCH (the local cluster's nodes share one filesystem, so the second may find the first's copy).
+    Submitted from the repository root this time."""
     env = {**job_env, "MOCO_EPOCHS": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if container:

@@ -35,8 +35,7 @@ def test_sbatch_partition_is_the_example_configs(name):
 
 
 def test_local_cluster_has_the_example_configs_partitions():
-    sys.path.insert(0, str(SLURM))
-    import local_cluster
+    from slurm import local_cluster
 
     assert set(local_cluster.DEFAULT_PARTITIONS) == set(example_config().values())
 

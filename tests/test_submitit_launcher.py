@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_logs import moco_resume_point, stop_point
+from test_slurm_workers import _has_forkserver
 
 from moco import checkpoint
 from slurm import launch
-from slurm_logs import moco_resume_point, stop_point
-from test_slurm_workers import _has_forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -6,6 +6,9 @@ import shutil
 
 import pytest
 import torch
+from test_data import truncate_png
+from test_stop_agreement import run_two_ranks
+from test_train import _assert_same_state, _stop_at_call
 
 from demo import evaluate as demo_evaluate
 from demo import train as demo_train
@@ -15,10 +18,6 @@ from moco.data import EpochSampler
 from moco.images import UnreadableImage
 from moco.unreadable import EXIT_DATAERR, TooManyUnreadable, UnreadableFiles, first_readable
 from moco.workers import DataLoader, original_message
-
-from test_data import truncate_png
-from test_stop_agreement import run_two_ranks
-from test_train import _assert_same_state, _stop_at_call
 
 MOCO = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "16", "--mlp", "--bn-splits", "2",
         "--precision", "off", "-p", "0"]
@@ -49,7 +48,7 @@ def test_replacement_is_the_next_readable_index_looking_at_most_one_past_the_cei
 def test_each_file_is_logged_once_counted_per_epoch_and_the_ceiling_stops_at_its_step(caplog):
     files = UnreadableFiles(ceiling=2, device=torch.device("cpu"))
     caplog.set_level(logging.WARNING)
-    for epoch in range(2):
+    for _ in range(2):
         files.start_epoch()
         files.update(0, [-1, 4, -1], ["", "4.PNG: cannot read image: truncated", ""])
         files.update(1, [9, -1, 4], ["9.PNG: cannot read image: empty", "", "4.PNG: cannot read image: truncated"])

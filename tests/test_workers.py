@@ -13,12 +13,11 @@ import time
 
 import pytest
 import torch
+from loader_items import SlowItems, SlowToStart
 
 from demo import engine
 from moco import preemption
 from moco.workers import DataLoader
-
-from loader_items import SlowItems, SlowToStart
 
 METHODS = ["fork", "forkserver"]
 
