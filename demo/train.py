@@ -83,6 +83,7 @@ from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoi
 from .recipe import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
+    REFERENCE_BATCH,
     STAGES,
     UNRECORDED_PROTOCOL,
     Protocol,
@@ -120,7 +121,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "<stage>.replaced-<time> and start afresh; an unchanged one continues")
     p.add_argument("--lr", type=float, default=None,
                    help="default: the protocol's r1 lr (r2: 1/10 of it, r3: 1/100) x batch-size / 4")
-    p.add_argument("-b", "--batch-size", type=int, default=4, help="total over all processes")
+    p.add_argument("-b", "--batch-size", type=int, default=REFERENCE_BATCH,
+                   help="total over all processes; default: the recipe's")
     p.add_argument("--epochs", type=int, default=None, help="epoch this stage ends at; default: the recipe's")
     p.add_argument("-j", "--workers", type=int, default=4, help="data-loading workers per process")
     p.add_argument("--momentum", type=float, default=0.9)

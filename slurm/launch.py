@@ -25,6 +25,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -44,8 +45,45 @@ from moco.logger import get_logger, setup_logging  # noqa: E402
 
 log = get_logger("slurm.launch")
 
-CPUS_PER_TASK = 6  # the scripts' --cpus-per-gpu=6, one task per GPU
-MEM_PER_GPU = "24G"
+# The job scripts own their resources (#SBATCH lines) and knob defaults (knob lines); this file reads them there.
+SCRIPTS = REPO / "slurm"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job script asks for and its knobs' defaults, as written in it."""
+    gpus: int  # --gres=gpu:N, per node
+    cpus_per_gpu: int
+    mem_per_gpu: str
+    minutes: int  # --time
+    warn_s: int | None  # the --signal lead time; None: no step-level stop (evaluation)
+    knobs: dict[str, str]  # name -> default, as bash reads it (variables not yet expanded)
+
+
+def _minutes(limit: str) -> int:
+    """Slurm's --time forms with hours: [D-]H:MM:SS or [D-]H:MM."""
+    days, _, clock = limit.rpartition("-")
+    hours, minutes, *_ = (int(part) for part in clock.split(":"))
+    return (int(days or 0) * 24 + hours) * 60 + minutes
+
+
+def read_script(script: str) -> Resources:
+    path = SCRIPTS / f"{script}.slurm"
+    text = path.read_text()
+
+    def sbatch(option: str) -> str | None:
+        found = re.search(rf"^#SBATCH --{option}=(\S+)", text, re.M)
+        return found[1] if found else None
+
+    knobs = {}
+    for name, rest in re.findall(r"^knob (\w+) (.*)$", text, re.M):
+        words = shlex.split(rest, comments=True)
+        knobs[name] = words[0] if words else ""
+    gres, warn = sbatch("gres"), sbatch("signal")
+    if gres is None or sbatch("time") is None:
+        raise SystemExit(f"{path}: no #SBATCH --gres=gpu:N or --time line to take the job's resources from")
+    return Resources(int(gres.rpartition(":")[2]), int(sbatch("cpus-per-gpu") or 1), sbatch("mem-per-gpu") or "",
+                     _minutes(sbatch("time")), int(warn.rpartition("@")[2]) if warn else None, knobs)
 
 
 @dataclass(frozen=True)
@@ -55,47 +93,48 @@ class Stage:
     knob_stage: str  # STAGE and GROUP of common.sh's knob
     knob_group: str
     partition: str  # the site config's variable
-    gpus: int
-    hours: int
-    warn_s: int | None  # the script's --signal lead time; None: no step-level stop (evaluation)
     data: tuple[str, str]  # (squashfs image, directory) variables of the site config, for stage_data
-    knobs: dict[str, str]  # name -> default, "{RUN_DIR}" fields filled from the config
     argv: Callable[[dict], list[str]]  # from the config and the knobs: what the script passes to python -m
 
+    @property
+    def resources(self) -> Resources:
+        return read_script(self.script)
 
-def _finetune(stage: str, epochs: int) -> Stage:
-    # r1 starts from the backbone under a protocol (empty: demo.train's default); r2 and r3 keep their checkpoint's
-    backbone = {"BACKBONE": "{RUN_DIR}/moco/checkpoint_last.pth.tar", "PROTOCOL": ""} if stage == "r1" else {}
+
+def _finetune(stage: str) -> Stage:
+    # r1 starts from the backbone under a protocol (empty: demo.train's default); r2 and r3 keep their checkpoint's.
+    # An empty EPOCHS or BATCH_SIZE is the recipe's (demo/recipe.py), which demo.train applies.
     return Stage(
-        f"demo_mocov2_fpn_{stage}", "demo.train", stage.upper(), "FPN", "FINETUNE_PARTITION", 2, 24, 900,
+        f"demo_mocov2_fpn_{stage}", "demo.train", stage.upper(), "FPN", "FINETUNE_PARTITION",
         ("LABELED_SQSH", "LABELED_ROOT"),
-        {**backbone, "EPOCHS": str(epochs), "BATCH_SIZE": "4", "LR": "", "WORKERS": "4", "EXTRA_ARGS": "",
-         "CHECK_DATA": "0"},
-        lambda v: ["--stage", stage, *(["--bp", v["BACKBONE"]] if backbone else []), "--dataset-root",
-                   v["LABELED_ROOT"], "--output-dir", f"{v['RUN_DIR']}/fpn", "--epochs", v["EPOCHS"],
-                   "-b", v["BATCH_SIZE"], *(["--protocol", v["PROTOCOL"]] if v.get("PROTOCOL") else []),
+        lambda v: ["--stage", stage, *(["--bp", v["BACKBONE"]] if "BACKBONE" in v else []), "--dataset-root",
+                   v["LABELED_ROOT"], "--output-dir", f"{v['RUN_DIR']}/fpn",
+                   *(["--epochs", v["EPOCHS"]] if v["EPOCHS"] else []),
+                   *(["-b", v["BATCH_SIZE"]] if v["BATCH_SIZE"] else []),
+                   *(["--protocol", v["PROTOCOL"]] if v.get("PROTOCOL") else []),
                    *(["--lr", v["LR"]] if v["LR"] else []), "-j", v["WORKERS"],
                    *v["EXTRA_ARGS"].split()])  # split(): bash's word splitting of the unquoted $EXTRA_ARGS
 
 
 STAGES = {
     "moco": Stage(
-        "moco_v2", "moco.train", "MOCO", "", "PRETRAIN_PARTITION", 4, 24, 300, ("UNLABELED_SQSH", "UNLABELED_DIR"),
-        {"ARCH": "resnet50", "EPOCHS": "100", "BATCH_SIZE": "128", "LR": "0.015", "WORKERS": "5", "EXTRA_ARGS": "",
-         "CHECK_DATA": "0"},
+        "moco_v2", "moco.train", "MOCO", "", "PRETRAIN_PARTITION", ("UNLABELED_SQSH", "UNLABELED_DIR"),
         lambda v: [v["UNLABELED_DIR"], "--output-dir", f"{v['RUN_DIR']}/moco", "-a", v["ARCH"], "--epochs",
                    v["EPOCHS"], "-b", v["BATCH_SIZE"], "--lr", v["LR"], "-j", v["WORKERS"], "--mlp", "--moco-t",
                    "0.2", "--aug-plus", "--cos", *v["EXTRA_ARGS"].split()]),
-    "r1": _finetune("r1", 23),
-    "r2": _finetune("r2", 27),
-    "r3": _finetune("r3", 37),
+    "r1": _finetune("r1"),
+    "r2": _finetune("r2"),
+    "r3": _finetune("r3"),
     "eval": Stage(
-        "eval_mocov2_fpn", "demo.evaluate", "EVAL", "", "EVAL_PARTITION", 1, 2, None, ("LABELED_SQSH", "LABELED_ROOT"),
-        {"CHECKPOINT": "{RUN_DIR}/fpn/r3/checkpoint_last.pth.tar", "SPLIT": "validation", "BATCH_SIZE": "4",
-         "WORKERS": "4", "EXTRA_ARGS": ""},
+        "eval_mocov2_fpn", "demo.evaluate", "EVAL", "", "EVAL_PARTITION", ("LABELED_SQSH", "LABELED_ROOT"),
         lambda v: ["--checkpoint-path", v["CHECKPOINT"], "--dataset-root", v["LABELED_ROOT"], "--dataset-split",
                    v["SPLIT"], "-b", v["BATCH_SIZE"], "-j", v["WORKERS"], *v["EXTRA_ARGS"].split()]),
 }
+
+
+def _expand(value: str, cfg: dict[str, str]) -> str:
+    """A knob default's $NAME / ${NAME}, from the config, as bash expands it in the script."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda found: cfg.get(found[1], ""), value)
 
 
 def read_config() -> dict[str, str]:
@@ -123,16 +162,18 @@ def knob(cfg: dict[str, str], stage: str, group: str, name: str, default: str) -
 
 
 def stage_argv(stage: Stage, cfg: dict[str, str]) -> list[str]:
-    values = {**cfg, **{name: knob(cfg, stage.knob_stage, stage.knob_group, name, default.format(**cfg))
-                        for name, default in stage.knobs.items()}}
-    log.info("%s knobs: %s", stage.script, " ".join(f"{name}={values[name]!r}" for name in stage.knobs))
+    knobs = stage.resources.knobs
+    values = {**cfg, **{name: knob(cfg, stage.knob_stage, stage.knob_group, name, _expand(default, cfg))
+                        for name, default in knobs.items()}}
+    log.info("%s knobs: %s", stage.script, " ".join(f"{name}={values[name]!r}" for name in knobs))
     return stage.argv(values)
 
 
 def data_check(stage: Stage, cfg: dict[str, str]) -> list[str]:
     """The batch script's lines for the CHECK_DATA knob (training stages): common.sh's check_data on the stage's
     data, which stops the job before the tasks start when the check finds errors."""
-    if "CHECK_DATA" not in stage.knobs or knob(cfg, stage.knob_stage, stage.knob_group, "CHECK_DATA", "0") != "1":
+    checked = knob(cfg, stage.knob_stage, stage.knob_group, "CHECK_DATA", "0") == "1"
+    if "CHECK_DATA" not in stage.resources.knobs or not checked:
         return []
     return [f"CHECK_DATA=1 STAGE={stage.knob_stage} TASK_PYTHON={shlex.quote(cfg['TASK_PYTHON'])} "
             f"CONTAINER={shlex.quote(cfg.get('CONTAINER', ''))} check_data {shlex.quote(cfg[stage.data[1]])}"]
@@ -212,19 +253,21 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
     for name in names:
         stage = STAGES[name]
         argv = stage_argv(stage, cfg)
-        gpus = stage.gpus if args.gpus_per_node is None else args.gpus_per_node
+        res = stage.resources
+        gpus = res.gpus if args.gpus_per_node is None else args.gpus_per_node
         executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_python=python,
                                          slurm_max_num_timeout=int(cfg.get("MAX_REQUEUES") or 20))
         executor.update_parameters(  # None: not set (submitit drops it)
             name=stage.script, nodes=args.nodes, tasks_per_node=max(gpus, 1), gpus_per_node=gpus or None,
-            cpus_per_task=CPUS_PER_TASK, timeout_min=args.timeout_min or stage.hours * 60,
-            slurm_mem_per_gpu=MEM_PER_GPU if gpus else None, slurm_partition=cfg[stage.partition],
+            cpus_per_task=res.cpus_per_gpu, timeout_min=args.timeout_min or res.minutes,
+            slurm_mem_per_gpu=res.mem_per_gpu if gpus and res.mem_per_gpu else None,
+            slurm_partition=cfg[stage.partition],
             slurm_account=cfg.get("ACCOUNT") or None,
             slurm_setup=[*setup, data_staging(stage, cfg), *data_check(stage, cfg)],
-            slurm_signal_delay_s=stage.warn_s, slurm_dependency=f"afterok:{after}" if after else None,
+            slurm_signal_delay_s=res.warn_s, slurm_dependency=f"afterok:{after}" if after else None,
             slurm_additional_parameters={"requeue": True, **({"kill-on-invalid-dep": "yes"} if after else {}),
                                          **extra})
-        job = executor.submit(StageJob(stage.module, argv, stops_at_step=stage.warn_s is not None))
+        job = executor.submit(StageJob(stage.module, argv, stops_at_step=res.warn_s is not None))
         log.info("%s: job %s, python -m %s %s", stage.script, job.job_id, stage.module, shlex.join(argv))
         print(name, job.job_id, flush=True)  # at once, as submit.sh: a later failure leaves these ids known
         jobs.append((name, job))
@@ -238,16 +281,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="stages to submit, in pipeline order, each after the one before (default: %(default)s)")
     p.add_argument("--after", metavar="JOBID", help="the first stage waits for this job to succeed")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, help="default: the scripts' 4 (moco), 2 (r1-r3), 1 (eval); one "
-                                                     "task per GPU; 0: one CPU task per node, no GPU")
-    p.add_argument("--timeout-min", type=int, help="default: the scripts' 24 h, 2 h for eval")
+    p.add_argument("--gpus-per-node", type=int, help="default: the job script's #SBATCH --gres; one task per GPU; "
+                                                     "0: one CPU task per node, no GPU")
+    p.add_argument("--timeout-min", type=int, help="default: the job script's #SBATCH --time")
     p.add_argument("--folder", type=Path, help="submitit's folder (default: $LOG_DIR/submitit)")
     args = p.parse_args(argv)
     args.stages = args.stages.split(",")
     if any(s not in STAGES for s in args.stages) or args.stages != sorted(set(args.stages), key=list(STAGES).index):
         p.error(f"--stages {','.join(args.stages)}: a subset of {','.join(STAGES)}, in this order")
     for name in args.stages:  # common.sh's check_time_limit: a warning minutes after every start would churn
-        lead = STAGES[name].warn_s
+        lead = STAGES[name].resources.warn_s
         if args.timeout_min and lead and args.timeout_min * 60 < 2 * lead:
             p.error(f"--timeout-min {args.timeout_min}: stage {name} is warned {lead} s before its time limit to "
                     f"checkpoint and would requeue itself every few minutes; give at least {2 * lead // 60}")

@@ -86,9 +86,44 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
             assert recorded[recorded.index("-a") + 1] == "resnet50"
         if stage.script == "demo_mocov2_fpn_r1":
             assert recorded[recorded.index("--protocol") + 1] == "original"
-        if stage.script == "demo_mocov2_fpn_r2":
-            assert recorded[recorded.index("--epochs") + 1] == "27"
+        if stage.script == "demo_mocov2_fpn_r1":
+            assert recorded[recorded.index("--epochs") + 1] == "2"  # R1_EPOCHS
+        if stage.script == "demo_mocov2_fpn_r2":  # no knob set: the recipe's end epoch and batch, in demo.train
+            assert "--epochs" not in recorded and "-b" not in recorded
             assert "--protocol" not in recorded
+
+
+def test_the_jobs_follow_the_recipe_and_the_scripts(monkeypatch, tmp_path):
+    """One owner each: a fine-tuning stage's end epoch and batch are demo/recipe.py's, which demo.train applies when
+    the job passes neither; the launcher's resources and knob defaults are read from the job scripts' #SBATCH and
+    knob lines, so an edited script is followed."""
+    from demo import recipe
+    from demo import train as demo_train
+
+    cfg = {"RUN_DIR": "/runs/x", "LABELED_ROOT": "/data/labeled", "UNLABELED_DIR": "/data/unlabeled"}
+    monkeypatch.setitem(recipe.STAGES, "r2", recipe.Stage("r2", lr_factor=0.1, end_epoch=31, previous="r1"))
+    argv = launch.stage_argv(launch.STAGES["r2"], cfg)
+    args = demo_train.get_parser().parse_args(argv)
+    assert args.epochs is None and args.batch_size == recipe.REFERENCE_BATCH
+    assert (args.epochs or recipe.STAGES[args.stage].end_epoch) == 31
+
+    for path in (launch.SCRIPTS).glob("*.slurm"):
+        (tmp_path / path.name).write_text(path.read_text())
+    r1 = tmp_path / "demo_mocov2_fpn_r1.slurm"
+    text = r1.read_text()
+    for old, new in (("--gres=gpu:2", "--gres=gpu:3"), ("--time=24:00:00", "--time=1-02:30:00"),
+                     ("--signal=B:USR1@900", "--signal=B:USR1@600"), ("--cpus-per-gpu=6", "--cpus-per-gpu=9"),
+                     ("knob WORKERS 4 ", "knob WORKERS 7 "), ('knob EPOCHS ""', "knob EPOCHS 30")):
+        assert old in text, old
+        text = text.replace(old, new)
+    r1.write_text(text)
+    monkeypatch.setattr(launch, "SCRIPTS", tmp_path)
+    res = launch.STAGES["r1"].resources
+    assert (res.gpus, res.minutes, res.warn_s, res.cpus_per_gpu, res.mem_per_gpu) == (3, 26 * 60 + 30, 600, 9, "24G")
+    argv = launch.stage_argv(launch.STAGES["r1"], cfg)
+    assert argv[argv.index("-j") + 1] == "7" and argv[argv.index("--epochs") + 1] == "30"
+    assert argv[argv.index("--bp") + 1] == "/runs/x/moco/checkpoint_last.pth.tar"
+    assert launch.STAGES["eval"].resources.warn_s is None
 
 
 def test_check_data_knob_runs_common_shs_check_before_the_tasks(tmp_path):
