@@ -16,6 +16,7 @@ from moco.unreadable import UnreadableFiles
 from moco.workers import DataLoader
 
 from .datasets import DetectionSet, collate
+from .recipe import warmup_factor
 from .sampler import eval_batches
 
 log = get_logger(__name__)
@@ -28,6 +29,25 @@ def to_device(images, targets, device: torch.device):
         targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device, non_blocking=True),
                     "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
     return images, targets
+
+
+def stage_schedule(optimizer: torch.optim.Optimizer, lr: float, warmup_iters: int, saved: dict | None = None,
+                   lr_asked: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A stage's lr: linear warm-up over ``warmup_iters`` steps to ``lr``, then constant. Resumed from ``saved`` (the
+    scheduler's state in the stage's own checkpoint), the step count and the base lr come back, and the optimizer
+    is set where the warm-up stood; ``lr_asked`` (an explicit --lr) replaces the saved base lr, so the resumed
+    stage goes on at the new one."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_factor(it, warmup_iters))
+    if saved is None:
+        return scheduler
+    scheduler.load_state_dict(saved)  # the step count and base lrs; the optimizer's lr is set below
+    if lr_asked is not None:
+        scheduler.base_lrs = [lr_asked] * len(scheduler.base_lrs)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * warmup_factor(scheduler.last_epoch, warmup_iters)
+    return scheduler
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, device, epoch: int,
@@ -83,8 +103,10 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
     batches = eval_batches(dataset.aspect_ratios(), batch_size, rank, world_size)
     # The polls are collectives: every rank makes as many as rank 0 has batches (some ranks have one fewer).
     polls = len(eval_batches(dataset.aspect_ratios(), batch_size, 0, world_size))
+    # A loader draws its workers' seed from the generator it is given, the global one by default: that one also
+    # draws the training's flips and the heads' samples, which validating must leave as they were.
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     mine = {}
     for batch, data in itertools.zip_longest(range(polls), loader):
         if preemption.stop_requested(device, batch):
