@@ -77,7 +77,7 @@ from moco.workers import DataLoader
 
 from . import coco_eval, lineage
 from .datasets import ReplacingUnreadable, collate, load_split
-from .engine import predict, train_one_epoch
+from .engine import predict, stage_schedule, train_one_epoch
 from .inference import for_inference
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
 from .recipe import (
@@ -89,7 +89,6 @@ from .recipe import (
     Protocol,
     multiscale_sizes,
     scaled_lr,
-    warmup_factor,
 )
 from .sampler import GroupedBatchSampler
 from .transforms import train_transforms
@@ -313,16 +312,9 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_factor(it, warmup))
+    scheduler = stage_schedule(optimizer, lr, warmup, ckpt["lr_scheduler"] if how == "resume" else None, args.lr)
+    lr = scheduler.base_lrs[0]
     if how == "resume":
-        scheduler.load_state_dict(ckpt["lr_scheduler"])  # restores the iteration count, not the lr itself
-        if args.lr is not None:  # asked for explicitly: the resumed stage continues at the new lr
-            scheduler.base_lrs = [args.lr] * len(scheduler.base_lrs)
-        lr = scheduler.base_lrs[0]
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * warmup_factor(scheduler.last_epoch, warmup)
         best_ap, last_val, start_step = float(ckpt["best_ap"]), ckpt["val"], int(ckpt.get("step", 0))
         if args.epochs is None:
             end_epoch = int(ckpt["stage_end"])
