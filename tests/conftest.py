@@ -68,3 +68,16 @@ def slurm_env(slurm_cluster) -> dict:
     env = slurm_cluster.env(_clean_env())
     env.update(TASK_PYTHON=sys.executable, SITE_CONF=str(ROOT / "slurm" / "site.conf.example"), MOCO_DEVICE="cpu")
     return env
+
+
+@pytest.fixture
+def job_env(slurm_env, tiny_data, tmp_path) -> dict:
+    """Knobs for a job on the tiny data, writing to this test's own run and log directories (here, not in
+    test_slurm.py, so that the other real-Slurm test files get it without importing a fixture by name)."""
+    from test_slurm import TINY_FPN, TINY_MOCO
+
+    return {**slurm_env, "UNLABELED_DIR": str(tiny_data / "train"), "LABELED_ROOT": str(tiny_data / "labeled"),
+            "RUN_DIR": str(tmp_path / "run"), "LOG_DIR": str(tmp_path / "logs"), "ALL_WORKERS": "0",
+            "OMP_NUM_THREADS": "2", **TINY_MOCO, **TINY_FPN,
+            # Leftovers of a user's shell: were a job to read them, the epoch counts the tests check would change.
+            "EPOCHS": "1"}

@@ -30,16 +30,6 @@ TINY_FPN = {"FPN_BATCH_SIZE": "4", "FPN_EXTRA_ARGS": "--min-size 160 --max-size 
 ONE_TASK = ["--gres=gpu:1"]  # one task (on the CPU): the fake GPUs only steer the task count
 
 
-@pytest.fixture
-def job_env(slurm_env, tiny_data, tmp_path):
-    """Knobs for a job on the tiny data, writing to this test's own run and log directories."""
-    return {**slurm_env, "UNLABELED_DIR": str(tiny_data / "train"), "LABELED_ROOT": str(tiny_data / "labeled"),
-            "RUN_DIR": str(tmp_path / "run"), "LOG_DIR": str(tmp_path / "logs"), "ALL_WORKERS": "0",
-            "OMP_NUM_THREADS": "2", **TINY_MOCO, **TINY_FPN,
-            # Leftovers of a user's shell: were a job to read them, the epoch counts the tests check would change.
-            "EPOCHS": "1"}
-
-
 def sbatch(env, script, *options, cwd=ROOT / "slurm", slurm_file_in_cwd=False) -> str:
     """Slurm's own file goes to the test's LOG_DIR, not into the repository where the scripts' --output puts it,
     unless ``slurm_file_in_cwd``."""

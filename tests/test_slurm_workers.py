@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from slurm_logs import moco_resume_point, stage_resume_point, stop_point
-from test_slurm import ONE_TASK, SLOWER_MOCO, log_of, sbatch, wait_done, wait_for  # job_env: a fixture
+from test_slurm import ONE_TASK, SLOWER_MOCO, log_of, sbatch, wait_done, wait_for
 
 from demo.recipe import warmup_factor
 from moco import checkpoint
