@@ -64,17 +64,17 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-test.txt $(TORCH_PINS)
-	$(PY) -m moco.doctor --build-only  # the build must carry CUDA_ARCHS: fail here, not on the cluster
+	$(PY) -m moco.runtime.doctor --build-only  # the build must carry CUDA_ARCHS: fail here, not on the cluster
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 venv: $(STAMP) ## Create or refresh the virtualenv (.venv) with the torch build TORCH_BUILD (cu128: V100 and newer)
 
 doctor: $(STAMP) ## Preflight: torch build, its GPU architectures, driver, GPUs, launch; fails when GPUs are unusable
-	$(PY) -m moco.doctor
+	$(PY) -m moco.runtime.doctor
 
 data: $(STAMP) ## Generate the tiny dataset in data/tiny (about 20 s; skipped when already there)
-	$(PY) -m moco.tinyset --out $(DATA) --workers 2
+	$(PY) -m moco.course.tinyset --out $(DATA) --workers 2
 
 check-data: data ## Check every file of the tiny dataset (full decode, labels, classes); exit 1 on errors
 	$(PY) -m demo.check $(DATA)/train $(DATA)/labeled

@@ -43,14 +43,14 @@ import torchvision
 from torchvision import transforms
 from torchvision.datasets.folder import pil_loader
 
-from moco import failures
 from moco import train as moco_train
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
+from moco.course.images import load_rgb
 from moco.data import UnlabeledImages, find_unlabeled_images
-from moco.images import load_rgb
-from moco.logger import get_logger, setup_logging
-from moco.precision import autocast_dtype, optimizer_step
-from moco.unreadable import UnreadableFiles
+from moco.runtime import failures
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.precision import autocast_dtype, optimizer_step
+from moco.runtime.unreadable import UnreadableFiles
 
 from . import coco_eval
 from .inference import for_inference

@@ -8,14 +8,15 @@ Each DATA is an unlabeled folder (whatever ``moco.data.find_unlabeled_images`` a
 ``<root>/<split>/``. A labeled root's splits are all those it has; ``--splits`` names the ones to check, and a named
 split that a labeled root lacks is a usage error. A path that is neither is a usage error too.
 
-Every image is decoded in full by ``moco.images.read_image``, as training reads it, in ``--workers`` processes
+Every image is decoded in full by ``moco.course.images.read_image``, as training reads it, in ``--workers`` processes
 (default: the CPUs this process may run on, which under Slurm is the job's allocation), while the main process reads
 the label files with the loaders' own code (``demo.datasets.read_split``). Only each file's problems, never its
 pixels, travel back from the workers.
 
 The report, on stdout: the problems grouped by kind with counts (errors, then the repairs training makes, then notes
-on image modes that ``moco.images`` converts by its policy; see ``moco.labels``), the boxes per class and split
-(classes without a box in a training split flagged), and a line of totals with the rate. Progress goes to stderr.
+on image modes that ``moco.course.images`` converts by its policy; see ``moco.course.labels``), the boxes per class
+and split (classes without a box in a training split flagged), and a line of totals with the rate. Progress goes to
+stderr.
 Exit status: 0 without errors (repairs and notes allowed), 1 with errors (with ``--strict-labels`` the repairs
 count, as in training), 2 on a usage error.
 """
@@ -35,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from demo.datasets import DetectionSet, read_split
+from moco.course.images import UnreadableImage, is_image, number_key, read_image
+from moco.course.labels import Problem, errors, plural, summary
 from moco.data import find_unlabeled_images
-from moco.images import UnreadableImage, is_image, number_key, read_image
-from moco.labels import Problem, errors, plural, summary
 
-# How moco.images.read_image's notes begin -> their kind; any other note is "other image mode".
+# How moco.course.images.read_image's notes begin -> their kind; any other note is "other image mode".
 _NOTE_KINDS = (
     ("16-bit", "16/32-bit greyscale (scaled to 8 bits)"), ("32-bit", "16/32-bit greyscale (scaled to 8 bits)"),
     ("palette", "palette image (converted to RGB)"), ("transparency", "transparency (composited on white)"),

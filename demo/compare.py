@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torchvision.models as tv_models
 
-from moco import checkpoint
-from moco.logger import get_logger, setup_logging
-from moco.metrics import FILE, read_metrics
 from moco.probe import KnnProbe
+from moco.runtime import checkpoint
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.metrics import FILE, read_metrics
 
 from .model import read_backbone
 

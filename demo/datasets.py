@@ -1,12 +1,12 @@
 """Labeled detection data: the course layout or a COCO annotation file, behind one dataset class.
 
-- Course: ``<root>/<split>/images/N.JPEG`` with ``<root>/<split>/labels/N.yml`` (see ``moco.course``). Category
+- Course: ``<root>/<split>/images/N.JPEG`` with ``<root>/<split>/labels/N.yml`` (see ``moco.course.layout``). Category
   ids are the course index + 1, so ids run 1..100 over the course's 100 names and 0 stays the background.
 - COCO: ``<root>/annotations/instances_<split>.json`` with images under ``<root>/<split>/``.
 
 Boxes are clamped to their image and boxes left without area dropped when the split is loaded, so the training
 targets and evaluation's ground truth are the same boxes; the other problems stop the load, all listed at once
-(see ``moco.labels``). Images without boxes are background images.
+(see ``moco.course.labels``). Images without boxes are background images.
 
 The model sees contiguous labels 1..C (0 is background); ``DetectionSet.label_to_category`` maps them back
 to the dataset's category ids and names for results, logs and evaluation.
@@ -21,11 +21,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from moco.course import CLASSES, parse_label_file, scan_split
-from moco.images import UnreadableImage, image_size, load_rgb
-from moco.labels import Problem, errors, fit_boxes, is_box, plural, summary
-from moco.logger import get_logger
-from moco.unreadable import first_readable
+from moco.course.images import UnreadableImage, image_size, load_rgb
+from moco.course.labels import Problem, errors, fit_boxes, is_box, plural, summary
+from moco.course.layout import CLASSES, parse_label_file, scan_split
+from moco.runtime.logger import get_logger
+from moco.runtime.unreadable import first_readable
 
 log = get_logger(__name__)
 
@@ -53,7 +53,7 @@ class DetectionSet(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], categories: dict[int, str], transforms=None, source: str = "",
                  problems: list[Problem] = ()):
         self.samples = samples
-        self.problems = list(problems)  # found while loading, repairs included (see moco.labels)
+        self.problems = list(problems)  # found while loading, repairs included (see moco.course.labels)
         self.categories = dict(sorted(categories.items()))
         self.transforms = transforms
         self.source = source
@@ -102,7 +102,7 @@ class DetectionSet(torch.utils.data.Dataset):
 class ReplacingUnreadable(torch.utils.data.Dataset):
     """Training items of ``dataset`` as ``(image, target, failed, error)``: a sample whose image cannot be decoded
     is replaced by the next readable one, ``failed`` is its index (-1: none) and ``error`` why (see
-    moco.unreadable). Never for validation or evaluation, whose score a replaced image would change unseen."""
+    moco.runtime.unreadable). Never for validation or evaluation, whose score a replaced image would change unseen."""
 
     def __init__(self, dataset: DetectionSet, max_unreadable: int):
         self.dataset, self.max_unreadable = dataset, max_unreadable
@@ -216,7 +216,7 @@ def _checked(dataset: DetectionSet, strict: bool) -> DetectionSet:
 
 def load_split(root: str | Path, split: str, transforms=None, strict: bool = False) -> DetectionSet:
     """Whichever layout ``root`` has for ``split``: the course's label folders or a COCO annotation file. Label
-    problems follow ``moco.labels``' policy: every error listed at once, repairs summarised."""
+    problems follow ``moco.course.labels``' policy: every error listed at once, repairs summarised."""
     return _checked(read_split(root, split, transforms), strict)
 
 

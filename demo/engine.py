@@ -7,13 +7,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from moco import failures, preemption
-from moco.distributed import all_reduce_mean
-from moco.logger import get_logger
-from moco.precision import optimizer_step
-from moco.progress import EpochProgress
-from moco.unreadable import UnreadableFiles
-from moco.workers import DataLoader
+from moco.runtime import failures, preemption
+from moco.runtime.distributed import all_reduce_mean
+from moco.runtime.logger import get_logger
+from moco.runtime.precision import optimizer_step
+from moco.runtime.progress import EpochProgress
+from moco.runtime.unreadable import UnreadableFiles
+from moco.runtime.workers import DataLoader
 
 from .datasets import DetectionSet, collate
 from .recipe import warmup_factor
@@ -94,7 +94,7 @@ def predict(model, dataset: DetectionSet, device: torch.device, amp_dtype, batch
     """Detections for every image of ``dataset``, keyed by image id, on rank 0 (None on the others).
 
     Each rank runs its share of fixed batches (see ``eval_batches``); rank 0 gathers them. A stop request
-    (``moco.preemption``) raises ``Preempted`` at the next batch polled, the batch number as its step.
+    (``moco.runtime.preemption``) raises ``Preempted`` at the next batch polled, the batch number as its step.
     ``dataset`` is any with ``aspect_ratios()`` and ``(image, {"image_id": ...})`` items. One that skips files it
     cannot read (demo.predict's, never a labeled split) gives ``None`` for the image and the reason as the target's
     ``error``; that image's entry is then ``{"error": reason}``."""

@@ -16,7 +16,7 @@ and nothing written: the requeued job evaluates again.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
-    from moco import preemption
+    from moco.runtime import preemption
 
     preemption.install()
 
@@ -24,13 +24,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moco import checkpoint, preemption, runs
-from moco.devices import add_device_argument, configure_backends
-from moco.distributed import cleanup_distributed, init_distributed
-from moco.images import UnreadableImage, load_rgb
-from moco.logger import get_logger, setup_logging
-from moco.precision import add_inference_argument, autocast_dtype
-from moco.workers import original_message
+from moco.course.images import UnreadableImage, load_rgb
+from moco.runtime import checkpoint, preemption, runs
+from moco.runtime.devices import add_device_argument, configure_backends
+from moco.runtime.distributed import cleanup_distributed, init_distributed
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.precision import add_inference_argument, autocast_dtype
+from moco.runtime.workers import original_message
 
 from . import coco_eval, draw, lineage
 from .datasets import load_split

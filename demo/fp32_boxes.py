@@ -6,8 +6,8 @@ output, so under bf16 autocast every box lands on bf16's grid: 8 px apart at 102
 the training targets, the proposals and the detections. These drop-in subclasses keep the convolutions and
 linear layers under autocast and hand fp32 to everything geometric. The last layers that score anchors and
 regress boxes (the RPN's two 1x1 convolutions, the box head's two linear layers) run in true fp32 on their
-autocast inputs (``moco.precision.true_fp32``: no bf16 rounding of their outputs, no TF32), for a few thousandths
-of the detector's arithmetic. Their weights keep torchvision's names, so checkpoints load either way.
+autocast inputs (``moco.runtime.precision.true_fp32``: no bf16 rounding of their outputs, no TF32), for a few
+thousandths of the detector's arithmetic. Their weights keep torchvision's names, so checkpoints load either way.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
-from moco.precision import true_fp32
+from moco.runtime.precision import true_fp32
 
 # torchvision's FPN defaults: one anchor size per level (P2..P6), three aspect ratios each.
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))

@@ -4,9 +4,9 @@
                              [--precision auto|bf16|fp16]
 
 Rows, each with its status (pass, fail, skipped), its figures and their tolerance:
-- the preflight, ``moco.doctor --exercise`` (every visible GPU's fp16/bf16 kernels against fp32);
+- the preflight, ``moco.runtime.doctor --exercise`` (every visible GPU's fp16/bf16 kernels against fp32);
 - moco.train's step on the GPU against the CPU from the same weights, batch and key shuffle: in fp32 (IEEE, no
-  TF32) and in the training precision (``--precision``, moco.precision's choice by default), the CPU in fp32
+  TF32) and in the training precision (``--precision``, moco.runtime.precision's choice by default), the CPU in fp32
   (see demo.step_check for the figures and tolerances);
 - the host's waits for the GPU in pretraining steps of moco.train's loop, fp32 and the training precision, counted
   under torch's sync debug mode after a few warm-up steps (see demo.host_syncs);
@@ -14,7 +14,7 @@ Rows, each with its status (pass, fail, skipped), its figures and their toleranc
   tiny set's validation split;
 - ``demo.bench --only moco detection`` (figures reported, not judged);
 - with two GPUs or more, a 2-rank NCCL step against one process over the whole batch (demo.step_check).
-The tiny dataset (``--data``, moco.tinyset) is generated when missing. The table is printed and written, with
+The tiny dataset (``--data``, moco.course.tinyset) is generated when missing. The table is printed and written, with
 every figure, to ``<output-dir>/gpu_check.json``. Exit status 0 when no row failed, 1 when one did, 2 without
 CUDA.
 
@@ -41,13 +41,13 @@ from pathlib import Path
 
 import torch
 
-from moco import checkpoint, failures
 from moco import train as moco_train
-from moco.devices import configure_backends, cuda_problem
-from moco.logger import get_logger, setup_logging
-from moco.metrics import FILE, read_metrics
-from moco.precision import MODES, autocast_dtype
-from moco.tinyset import MARKER, generate
+from moco.course.tinyset import MARKER, generate
+from moco.runtime import checkpoint, failures
+from moco.runtime.devices import configure_backends, cuda_problem
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.metrics import FILE, read_metrics
+from moco.runtime.precision import MODES, autocast_dtype
 
 from . import bench, host_syncs, step_check
 from .coco_eval import STAT_NAMES
@@ -134,14 +134,14 @@ class Check:
     # ---- the rows
 
     def doctor(self) -> Row:
-        proc = _python("moco.doctor", "--exercise", "--device", self.device.type, timeout=self.sizes.timeout_s)
+        proc = _python("moco.runtime.doctor", "--exercise", "--device", self.device.type, timeout=self.sizes.timeout_s)
         exercised = [line for line in proc.stdout.splitlines() if line.startswith("doctor: exercise:")]
         measured = {"exit_status": proc.returncode, "kernels_exercised": len(exercised), "report": proc.stdout}
         shown = f"{len(exercised)} kernels exercised, exit status {proc.returncode}"
         if proc.returncode:
             return Row("", "fail", measured, "exit status 0", proc.stderr.strip().splitlines()[-1] if proc.stderr
                        else _last_error(proc), shown=shown)
-        return Row("", "pass", measured, "finite, within moco.exercise.TOLERANCE of fp32", shown=shown)
+        return Row("", "pass", measured, "finite, within moco.runtime.exercise.TOLERANCE of fp32", shown=shown)
 
     @functools.cached_property
     def moco_case(self) -> tuple:
@@ -330,7 +330,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda: the check; cpu: its rehearsal, the same script on the CPU")
     p.add_argument("--output-dir", default="runs/gpu-check")
-    p.add_argument("--data", default="data/tiny", help="the tiny dataset (moco.tinyset), generated when missing")
+    p.add_argument("--data", default="data/tiny", help="the tiny dataset (moco.course.tinyset), generated when missing")
     p.add_argument("--precision", default="auto", choices=[m for m in MODES if m != "off"],
                    help="the training precision compared with fp32 (auto: moco.train's choice for the device)")
     return p

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from moco import failures
 from moco import train as moco_train
 from moco.augment import Normalize
 from moco.data import find_unlabeled_images
-from moco.devices import configure_backends
-from moco.unreadable import UnreadableFiles
+from moco.runtime import failures
+from moco.runtime.devices import configure_backends
+from moco.runtime.unreadable import UnreadableFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = "called a synchronizing CUDA operation"  # torch's text (c10/cuda), the start of every such warning

@@ -1,7 +1,7 @@
 """What a fine-tuning stage was trained from, and whether the run directory still holds that.
 
-Every stage checkpoint records ``upstream``, the identity (``moco.runs.identity``: path, run id, epoch) of the file
-the stage started from: r1's ``--bp`` backbone (None for a random initialisation), r2's and r3's the previous
+Every stage checkpoint records ``upstream``, the identity (``moco.runtime.runs.identity``: path, run id, epoch) of the
+file the stage started from: r1's ``--bp`` backbone (None for a random initialisation), r2's and r3's the previous
 stage's final checkpoint ("unknown" in a stage resumed from a checkpoint older than these records). One
 ``--output-dir`` holds one chain, so a stage's upstream is judged against its sibling
 ``<output-dir>/<previous stage>/checkpoint_last.pth.tar``, and r1's against ``--bp``:
@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from moco import checkpoint, runs
-from moco.logger import get_logger
+from moco.runtime import checkpoint, runs
+from moco.runtime.logger import get_logger
 
 from .recipe import STAGES
 

@@ -22,7 +22,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from moco.backbone import backbone_weights, infer_arch, read_backbone  # noqa: F401 (re-exported)
-from moco.logger import get_logger
+from moco.runtime.logger import get_logger
 
 from .fp32_boxes import Float32AnchorGenerator, Float32FastRCNNPredictor, Float32RPNHead
 

@@ -45,10 +45,10 @@ import torchvision
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _get_shape_onnx
 from torchvision.transforms.v2 import functional as TF
 
-from moco import checkpoint
-from moco.failures import EXIT_IOERR
-from moco.images import UnreadableImage, load_rgb
-from moco.logger import get_logger, setup_logging
+from moco.course.images import UnreadableImage, load_rgb
+from moco.runtime import checkpoint
+from moco.runtime.failures import EXIT_IOERR
+from moco.runtime.logger import get_logger, setup_logging
 
 from .datasets import label_to_category
 from .model import detector_from_checkpoint, trained_categories
@@ -152,7 +152,7 @@ def run_torch(model: torch.nn.Module, image: torch.Tensor) -> dict[str, np.ndarr
 
 
 def image_tensor(path: str | Path) -> torch.Tensor:
-    """A file as the model's input: float32 [3, H, W] in [0, 1], upright (``moco.images.load_rgb``)."""
+    """A file as the model's input: float32 [3, H, W] in [0, 1], upright (``moco.course.images.load_rgb``)."""
     return TF.to_dtype(TF.pil_to_tensor(load_rgb(path)), torch.float32, scale=True)
 
 

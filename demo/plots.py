@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from moco.logger import get_logger, setup_logging
-from moco.metrics import FILE, read_metrics
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.metrics import FILE, read_metrics
 
 from .recipe import STAGES
 

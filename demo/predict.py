@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from moco import checkpoint
-from moco.devices import DeviceError, add_device_argument, configure_backends, select_device
-from moco.images import UnreadableImage, image_size, is_image, load_rgb, number_key
-from moco.logger import get_logger, setup_logging
-from moco.precision import add_inference_argument, autocast_dtype
-from moco.unreadable import EXIT_DATAERR
+from moco.course.images import UnreadableImage, image_size, is_image, load_rgb, number_key
+from moco.runtime import checkpoint
+from moco.runtime.devices import DeviceError, add_device_argument, configure_backends, select_device
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.precision import add_inference_argument, autocast_dtype
+from moco.runtime.unreadable import EXIT_DATAERR
 
 from . import coco_eval, draw
 from .datasets import label_to_category

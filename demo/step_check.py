@@ -24,12 +24,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from moco import failures
 from moco import train as moco_train
 from moco.augment import Normalize
 from moco.data import find_unlabeled_images
-from moco.distributed import average_running_stats
-from moco.precision import true_fp32
+from moco.runtime import failures
+from moco.runtime.distributed import average_running_stats
+from moco.runtime.precision import true_fp32
 
 # The check's MoCo: small enough for seconds on a CPU, with every part of the v2 recipe (MLP head, aug+, split BN).
 SMALL = ("-a", "resnet18", "--image-size", "64", "--moco-k", "256", "--mlp", "--moco-t", "0.2", "--aug-plus",

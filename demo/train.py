@@ -35,8 +35,8 @@ next batch, and the resumed run redoes that validation only.
 
 Runs that cannot mix: ``--resume PATH`` is used only while the stage has no checkpoint of its own (a requeued job
 runs the same command again and must continue, not start over). One process at a time per stage directory: a
-second job is refused while the first holds ``run.lock`` (see moco.runlock). Rank 0 chooses the starting file for
-all ranks. Each checkpoint carries its run's id and the identity of what the stage started from, which a resume
+second job is refused while the first holds ``run.lock`` (see moco.runtime.runlock). Rank 0 chooses the starting file
+for all ranks. Each checkpoint carries its run's id and the identity of what the stage started from, which a resume
 checks (see demo.lineage): r1 refuses a backbone from unfinished pretraining, and a stage whose upstream was run
 again since refuses to continue. ``--restart`` then moves that stage directory aside, to
 ``<stage>.replaced-<time>``, and starts the stage afresh from the current upstream; a stage whose upstream is
@@ -45,8 +45,8 @@ unchanged continues even with ``--restart``, so the flag is safe in a requeued j
 A training image that cannot be decoded is replaced by the next readable sample, logged once and counted in
 metrics.jsonl (``unreadable_images``); once more than ``--max-unreadable`` distinct files have failed, training
 stops with a mid-epoch checkpoint, the list of files and exit status 65 (EX_DATAERR), which is not requeued (see
-moco.unreadable). Validation never replaces an image: an unreadable one ends the run with one line naming it.
-Exit statuses (see moco.failures): 0 done; 1 an error to fix, in one line; 65 more unreadable images than
+moco.runtime.unreadable). Validation never replaces an image: an unreadable one ends the run with one line naming it.
+Exit statuses (see moco.runtime.failures): 0 done; 1 an error to fix, in one line; 65 more unreadable images than
 --max-unreadable (a mid-epoch checkpoint kept); 70 the loss was not finite (every rank stops at that step
 before applying it, checkpoint_last untouched); 74 a checkpoint could not be written (a full disk: the
 previous one is intact); 75 stopped by a signal, to be requeued.
@@ -54,7 +54,7 @@ previous one is intact); 75 stopped by a signal, to be requeued.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
-    from moco import preemption
+    from moco.runtime import preemption
 
     preemption.install()
 
@@ -65,15 +65,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco import checkpoint, failures, preemption, runs, unreadable
-from moco.devices import add_device_argument, configure_backends
-from moco.distributed import cleanup_distributed, init_distributed
-from moco.logger import get_logger, setup_logging
-from moco.metrics import MetricsWriter
-from moco.precision import MODES, autocast_dtype
-from moco.runlock import DirectoryLock
-from moco.unreadable import TooManyUnreadable, UnreadableFiles
-from moco.workers import DataLoader
+from moco.runtime import checkpoint, failures, preemption, runs, unreadable
+from moco.runtime.devices import add_device_argument, configure_backends
+from moco.runtime.distributed import cleanup_distributed, init_distributed
+from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.metrics import MetricsWriter
+from moco.runtime.precision import MODES, autocast_dtype
+from moco.runtime.runlock import DirectoryLock
+from moco.runtime.unreadable import TooManyUnreadable, UnreadableFiles
+from moco.runtime.workers import DataLoader
 
 from . import coco_eval, lineage
 from .datasets import ReplacingUnreadable, collate, load_split

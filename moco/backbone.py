@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint
+from .runtime import checkpoint
 
 _BODY_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # a ResNet without its fc
 # Block counts of layer1..4 and whether blocks are bottlenecks: enough to name a checkpoint without 'arch'.

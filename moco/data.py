@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .images import is_image, load_rgb, number_key
-from .unreadable import DEFAULT_MAX_UNREADABLE, first_readable
+from .course.images import is_image, load_rgb, number_key
+from .runtime.unreadable import DEFAULT_MAX_UNREADABLE, first_readable
 
 
 def find_unlabeled_images(data_dir: str | Path) -> list[Path]:
@@ -43,7 +43,7 @@ class UnlabeledImages(Dataset):
 
     An unreadable file's sample is the next readable image, augmented with the seed of the sample it replaces, so
     that it too is a function of (seed, epoch, index) and of which files are bad; ``failed`` is the index whose
-    file failed (-1: none), ``error`` says why (see moco.unreadable)."""
+    file failed (-1: none), ``error`` says why (see moco.runtime.unreadable)."""
 
     def __init__(self, paths: list[Path], transform, seed: int = 0, max_unreadable: int = DEFAULT_MAX_UNREADABLE):
         self.paths, self.transform, self.seed, self.max_unreadable = paths, transform, seed, max_unreadable

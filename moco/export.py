@@ -24,7 +24,7 @@ fc, no MoCo MLP head, no key encoder.
   [58.395, 57.120, 57.375]`` and ``MODEL.RESNETS.STRIDE_IN_1X1 False`` (torchvision strides in the 3x3 conv).
 
 OUT is written atomically, and may not be CHECKPOINT itself. Exit status: 0 written; 1 an input to fix, said in one
-line ("error: ..."); 74 (EX_IOERR) OUT could not be written (``moco.failures``).
+line ("error: ..."); 74 (EX_IOERR) OUT could not be written (``moco.runtime.failures``).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ import pickle
 import re
 from pathlib import Path
 
-from . import checkpoint, failures
 from .backbone import read_backbone
-from .logger import get_logger, setup_logging
+from .runtime import checkpoint, failures
+from .runtime.logger import get_logger, setup_logging
 
 log = get_logger("moco.export")
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from .augment import Normalize
 from .batchnorm import SplitBatchNorm2d
-from .course import list_split, read_label_file
-from .images import load_rgb
-from .labels import fit_boxes
+from .course.images import load_rgb
+from .course.labels import fit_boxes
+from .course.layout import list_split, read_label_file
 
 
 def load_crops(root: str | Path, split: str, size: int,
@@ -40,7 +40,7 @@ def load_crops(root: str | Path, split: str, size: int,
     for image_path, label_path in pairs:
         boxes, labels = read_label_file(label_path)
         image = load_rgb(image_path)
-        kept, boxes, _ = fit_boxes(label_path, boxes, *image.size)  # the detector's repairs (moco.labels)
+        kept, boxes, _ = fit_boxes(label_path, boxes, *image.size)  # the detector's repairs (moco.course.labels)
         for box, name in zip(boxes, (labels[i] for i in kept)):
             crop = image.crop(tuple(round(v) for v in box)).resize((size, size), Image.BILINEAR)
             crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))

@@ -8,24 +8,25 @@ Flags follow facebookresearch/moco's main_moco.py, defaults included (MoCo v1); 
 
 Differences from main_moco.py:
 - No --dist-url/--world-size/--rank/--multiprocessing-distributed: the launch (torchrun, Slurm srun, or a
-  plain process) is detected, one process per GPU (see moco.distributed).
+  plain process) is detected, one process per GPU (see moco.runtime.distributed).
 - --batch-size is the total over all processes; K must be a multiple of it.
 - Re-running the same command with the same --output-dir resumes from checkpoint_last.pth.tar, schedule
   included. --resume PATH starts from a given checkpoint, but only while the directory has no checkpoint_last of
   its own, so that a requeued job continues instead of starting over. A resume refuses a checkpoint written with
   other --epochs, -a, --batch-size, --moco-k, --moco-dim or --mlp (more --epochs for a finished run would bend
   its cosine schedule mid-run). One process per --output-dir: a second job is refused while the first runs (see
-  moco.runlock). Every checkpoint carries the run's id (see moco.runs), which fine-tuning records.
+  moco.runtime.runlock). Every checkpoint carries the run's id (see moco.runtime.runs), which fine-tuning records.
 - A checkpoint_last that does not read (truncated, garbage) is passed over, with a warning, for the newest readable
   numbered checkpoint_NNNN; with none readable the run stops with an error naming the files tried. --keep N keeps
   only the newest N numbered checkpoints.
 - SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption) stops the run at the next step with a mid-epoch
-  checkpoint and exit status 75; the resumed run continues from that step (see moco.preemption).
+  checkpoint and exit status 75; the resumed run continues from that step (see moco.runtime.preemption).
 - An image that cannot be read is replaced by the next readable one, logged once and counted in metrics.jsonl
   (``unreadable_images``); once more than --max-unreadable distinct files have failed, the run stops with a
   mid-epoch checkpoint, the list of files and exit status 65 (EX_DATAERR), which is not requeued (see
-  moco.unreadable). An unreadable image of the kNN probe ends the run at its start with one line naming the file.
-- Exit statuses (see moco.failures): 0 done; 1 an error to fix, in one line; 65 more unreadable images than
+  moco.runtime.unreadable). An unreadable image of the kNN probe ends the run at its start with one line naming the
+  file.
+- Exit statuses (see moco.runtime.failures): 0 done; 1 an error to fix, in one line; 65 more unreadable images than
   --max-unreadable (a mid-epoch checkpoint kept); 70 the loss was not finite (every rank stops at that step
   before applying it, checkpoint_last untouched); 74 a checkpoint could not be written (a full disk: the
   previous one is intact); 75 stopped by a signal, to be requeued.
@@ -37,7 +38,7 @@ Differences from main_moco.py:
 from __future__ import annotations
 
 if __name__ == "__main__":  # before torch loads: a signal during that import must not kill the job
-    from moco import preemption
+    from moco.runtime import preemption
 
     preemption.install()
 
@@ -51,21 +52,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tv_models
 
-from . import checkpoint, failures, preemption, runs, unreadable
 from .augment import Normalize, TwoCropsTransform, moco_augmentation
 from .batchnorm import convert_split_batchnorm
 from .builder import MoCo
 from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
-from .devices import add_device_argument, configure_backends
-from .distributed import all_reduce_mean, average_running_stats, cleanup_distributed, init_distributed
-from .logger import get_logger, setup_logging
-from .metrics import MetricsWriter
-from .precision import MODES, autocast_dtype, optimizer_step
 from .probe import KnnProbe
-from .progress import EpochProgress
-from .runlock import DirectoryLock
-from .unreadable import TooManyUnreadable, UnreadableFiles
-from .workers import DataLoader
+from .runtime import checkpoint, failures, preemption, runs, unreadable
+from .runtime.devices import add_device_argument, configure_backends
+from .runtime.distributed import all_reduce_mean, average_running_stats, cleanup_distributed, init_distributed
+from .runtime.logger import get_logger, setup_logging
+from .runtime.metrics import MetricsWriter
+from .runtime.precision import MODES, autocast_dtype, optimizer_step
+from .runtime.progress import EpochProgress
+from .runtime.runlock import DirectoryLock
+from .runtime.unreadable import TooManyUnreadable, UnreadableFiles
+from .runtime.workers import DataLoader
 
 log = get_logger("moco.train")
 

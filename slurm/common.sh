@@ -63,7 +63,7 @@ job_start() {
     fi
     cd "$REPO" || die "cannot enter $REPO"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-    export MOCO_DEVICE CUDA_ARCHS MOCO_RENDEZVOUS_TIMEOUT  # read by moco.doctor and by every task
+    export MOCO_DEVICE CUDA_ARCHS MOCO_RENDEZVOUS_TIMEOUT  # read by moco.runtime.doctor and by every task
     export_network
     preflight
     log "config $SITE_CONF; knobs:"
@@ -116,8 +116,8 @@ export_network() {
 # use stops here, with the doctor's one sentence; srun's error line names the node.
 preflight() {
     # shellcheck disable=SC2086  # CONTAINER is a command prefix, split on purpose
-    on_every_node $CONTAINER "$TASK_PYTHON" -m moco.doctor --exercise \
-        || die "preflight failed (python -m moco.doctor --exercise on every node, above); nothing was run"
+    on_every_node $CONTAINER "$TASK_PYTHON" -m moco.runtime.doctor --exercise \
+        || die "preflight failed (python -m moco.runtime.doctor --exercise on every node, above); nothing was run"
 }
 
 # check_data PATH...: with CHECK_DATA=1 (a knob: R1_CHECK_DATA, FPN_CHECK_DATA, ALL_CHECK_DATA...), python -m
@@ -221,12 +221,12 @@ rendezvous_host() {
 
 # The tasks' rendezvous, from this job every time: a MASTER_ADDR or MASTER_PORT left in the submitting shell, which
 # sbatch exports, would send every task to another host or onto another job's port. Only the site config's
-# RENDEZVOUS_ADDR / RENDEZVOUS_PORT override it; the tasks read these two (moco/distributed.py), never MASTER_*.
+# RENDEZVOUS_ADDR / RENDEZVOUS_PORT override it; the tasks read these two (moco/runtime/distributed.py), never MASTER_*.
 export_rendezvous() {
     RENDEZVOUS_ADDR=${RENDEZVOUS_ADDR:-$(rendezvous_host)} && [[ -n $RENDEZVOUS_ADDR ]] || die "no address for" \
         "the first node of $SLURM_JOB_NODELIST (scontrol show hostnames / show node): set RENDEZVOUS_ADDR in the" \
         "site config"
-    # moco.distributed.slurm_port's: fixed by the job id, below Linux's ephemeral ports
+    # moco.runtime.distributed.slurm_port's: fixed by the job id, below Linux's ephemeral ports
     RENDEZVOUS_PORT=${RENDEZVOUS_PORT:-$(( 20000 + SLURM_JOB_ID % 12768 ))}
     export RENDEZVOUS_ADDR RENDEZVOUS_PORT
 }
@@ -313,7 +313,7 @@ run_tasks() {
     wait "$TASKS_PID"
     local status=$?
     TASKS_PID=
-    # 75: checkpointed, not finished (moco/preemption.py)
+    # 75: checkpointed, not finished (moco/runtime/preemption.py)
     (( status == 75 && WARNED )) && requeue "checkpoint saved"
     log "tasks ended with status $status"
     return "$status"

@@ -13,7 +13,7 @@ included) go to --folder, default $LOG_DIR/submitit.
 
 Time limit and preemption: Slurm sends SIGUSR2 (submitit's signal) before the time limit, and on preemption where
 SlurmctldParameters has preempt_send_user_signal; SIGTERM on preemption, requeue or cancel. In a training stage
-either one stops the run at the next step with checkpoint_last, as in the shell path (moco.preemption); after
+either one stops the run at the next step with checkpoint_last, as in the shell path (moco.runtime.preemption); after
 SIGUSR2 the job then requeues itself through submitit's own handler, after SIGTERM Slurm requeues it (or it was
 cancelled, and fails with status 75). The rerun calls the same main with the same argv, which resumes from
 checkpoint_last. Evaluation has no step-level stop: submitit requeues it at once and it starts over. submitit
@@ -40,8 +40,8 @@ import submitit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: moco/ and demo/ must import
 
-from moco import preemption  # noqa: E402
-from moco.logger import get_logger, setup_logging  # noqa: E402
+from moco.runtime import preemption  # noqa: E402
+from moco.runtime.logger import get_logger, setup_logging  # noqa: E402
 
 log = get_logger("slurm.launch")
 
@@ -235,8 +235,8 @@ def submit(names: list[str], cfg: dict[str, str], args: argparse.Namespace) -> l
               "(( ${SLURM_NTASKS:-1} <= 1 )) || export_rendezvous",
               # common.sh's preflight, on every node: a job given GPUs that CUDA cannot use stops before any data
               # is read.
-              f"on_every_node {python} -m moco.doctor --exercise || {{ echo 'preflight failed (python -m "
-              f"moco.doctor --exercise on every node, above)' >&2; exit 1; }}",
+              f"on_every_node {python} -m moco.runtime.doctor --exercise || {{ echo 'preflight failed (python -m "
+              f"moco.runtime.doctor --exercise on every node, above)' >&2; exit 1; }}",
               # Threads a task: its CPUs, capped like run_tasks at the cores the node really gives.
               "cpus=$(( $(nproc) / SLURM_NTASKS_PER_NODE )); (( cpus <= SLURM_CPUS_PER_TASK )) || "
               "cpus=$SLURM_CPUS_PER_TASK; (( cpus > 0 )) || cpus=1",

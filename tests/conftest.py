@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small dataset from the project's generator, shared by the tests that train."""
-    from moco.tinyset import generate
+    from moco.course.tinyset import generate
 
     out = tmp_path_factory.mktemp("tiny")
     generate(out, unlabeled=256, train=48, val=16, seed=0, workers=1)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from demo.model import DetectorConfig, build_detector
-from moco import checkpoint
+from moco.runtime import checkpoint
 
 
 def save_detector(path: Path, categories: dict[int, str], min_size: int, tilt: Callable) -> Path:

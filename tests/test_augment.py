@@ -5,8 +5,8 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from moco.augment import ColorJitter, GaussianBlur, Normalize, TwoCropsTransform, moco_augmentation
+from moco.course.images import load_rgb
 from moco.data import UnlabeledImages, find_unlabeled_images
-from moco.images import load_rgb
 
 
 def _image() -> Image.Image:

@@ -14,7 +14,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from demo.fp32_boxes import ANCHOR_SIZES, ASPECT_RATIOS
 from demo.model import DetectorConfig, build_detector
-from moco.precision import autocast_dtype
+from moco.runtime.precision import autocast_dtype
 
 HEIGHT, WIDTH = 1024, 1344  # padded to a multiple of 32, as the detector's transform does
 STRIDES = (4, 8, 16, 32, 64)

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from moco import checkpoint
+from moco.runtime import checkpoint
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moco import checkpoint, failures, runs
 from moco import train as moco_train
+from moco.runtime import checkpoint, failures, runs
 
 MOCO = ["-a", "resnet18", "--image-size", "32", "-b", "16", "--moco-k", "64", "--mlp", "-j", "0", "--bn-splits", "4",
         "--precision", "off", "--save-freq", "1"]
@@ -142,7 +142,7 @@ def test_a_save_into_a_full_filesystem_keeps_the_previous_checkpoint(tmp_path, m
 
 SAVE_UNDER_LIMIT = """
 import resource, signal, sys, torch
-from moco import checkpoint
+from moco.runtime import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
@@ -295,7 +295,7 @@ def test_a_run_that_diverges_before_its_first_save_says_so(tmp_path, caplog):
 
 def test_an_error_leaving_the_trainer_lets_go_of_its_objects(tmp_path):
     """Else a DDP model kept alive by the error's frames would leave the process group last, at exit, holding the
-    GIL: a hang (see moco.distributed.cleanup_distributed)."""
+    GIL: a hang (see moco.runtime.distributed.cleanup_distributed)."""
     class Model:
         pass
 

@@ -10,7 +10,7 @@ from pycocotools.cocoeval import COCOeval
 
 from demo import coco_eval
 from demo.datasets import course_split
-from moco.course import CLASSES
+from moco.course.layout import CLASSES
 
 
 @pytest.fixture(scope="module")

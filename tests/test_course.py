@@ -1,4 +1,4 @@
-"""The course layout's label files and pairing, and the label policy of moco.labels: every problem of a split is
+"""The course layout's label files and pairing, and the label policy of moco.course.labels: every problem of a split is
 found in one pass; errors stop a load, all listed; boxes outside their image are clamped, boxes without area go."""
 import logging
 import re
@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from demo.datasets import course_split
-from moco.course import CLASSES, list_split, parse_label_file, read_label_file, scan_split
-from moco.labels import fit_boxes, summary
+from moco.course.labels import fit_boxes, summary
+from moco.course.layout import CLASSES, list_split, parse_label_file, read_label_file, scan_split
 
 
 def test_course_classes_in_loader_order():

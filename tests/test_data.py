@@ -77,7 +77,7 @@ def test_sampler_shards_are_disjoint_equal_and_change_per_epoch():
 
 
 def test_numeric_order_puts_numbered_files_first():
-    from moco.images import number_key
+    from moco.course.images import number_key
 
     assert sorted(["10.PNG", "2.PNG", "b.png", "1.jpeg", "a.png"], key=number_key) == [
         "1.jpeg", "2.PNG", "10.PNG", "a.png", "b.png"]

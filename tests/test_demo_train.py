@@ -18,8 +18,8 @@ from demo import train as demo_train
 from demo.datasets import course_split
 from demo.engine import predict
 from demo.model import DetectorConfig, build_detector
-from moco import checkpoint, failures, preemption
 from moco import train as moco_train
+from moco.runtime import checkpoint, failures, preemption
 
 pytestmark = pytest.mark.slow
 
@@ -304,7 +304,7 @@ def test_a_stage_that_trains_nothing_is_refused_before_anything_starts(tmp_path,
 
 
 def test_val_freq_validates_every_nth_epoch_and_the_stages_last(tmp_path, monkeypatch, capsys):
-    from moco.tinyset import generate
+    from moco.course.tinyset import generate
 
     root = generate(tmp_path / "tiny", unlabeled=0, train=8, val=4) / "labeled"
     validations, validate = [], demo_train.predict
@@ -329,7 +329,7 @@ def test_validation_leaves_the_training_untouched(tmp_path):
     """Validating after epoch 1 or not, epoch 2 trains the same: the validation loader drew its seed from the global
     generator that the flips and the heads' sampling use, so --val-freq changed the trained model (an r1 that
     diverged at epoch 6 with --val-freq 1 trained stably without it)."""
-    from moco.tinyset import generate
+    from moco.course.tinyset import generate
 
     root = generate(tmp_path / "tiny", unlabeled=0, train=8, val=4) / "labeled"
     runs = {}

@@ -8,7 +8,7 @@ from torchvision import tv_tensors
 from demo.datasets import collate, course_split, load_split
 from demo.sampler import GroupedBatchSampler, aspect_group, eval_batches
 from demo.transforms import train_transforms
-from moco.course import CLASSES
+from moco.course.layout import CLASSES
 
 
 def test_course_split_ids_labels_and_names(tiny_data):

@@ -12,8 +12,8 @@ from demo.recipe import PROTOCOLS, STAGES, multiscale_sizes, scaled_lr, warmup_f
 from demo.sampler import GroupedBatchSampler
 from demo.transforms import train_transforms
 
-COURSE_NAMES = [line.strip() for line in (Path(__file__).resolve().parents[1] / "moco" / "course_classes.txt")
-                .read_text().splitlines() if line.strip()]
+CLASS_FILE = Path(__file__).resolve().parents[1] / "moco" / "course" / "course_classes.txt"
+COURSE_NAMES = [line.strip() for line in CLASS_FILE.read_text().splitlines() if line.strip()]
 
 
 def test_targets_and_ground_truth_hold_the_label_files_boxes(tiny_data):

@@ -11,9 +11,9 @@ import torch
 
 from demo import evaluate as demo_evaluate
 from demo import train as demo_train
-from moco import devices, doctor
 from moco import train as moco_train
-from moco.precision import autocast_dtype, true_fp32
+from moco.runtime import devices, doctor
+from moco.runtime.precision import autocast_dtype, true_fp32
 from slurm import launch  # the site config's one reader (bash sources it, as the Makefile and the jobs do)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_inference_precision_is_never_bf16_by_default(monkeypatch):
     assert autocast_dtype(cuda, inference=True) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # V100
     assert autocast_dtype(cuda) == torch.float16
-    monkeypatch.setattr("moco.precision.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("moco.runtime.precision.cpu_has_native_bf16", lambda: True)
     assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
     assert autocast_dtype(torch.device("cpu"), inference=True) is None
     assert autocast_dtype(torch.device("cpu"), "bf16", inference=True) == torch.bfloat16  # asked for explicitly

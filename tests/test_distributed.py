@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from moco.distributed import init_distributed, slurm_port
+from moco.runtime.distributed import init_distributed, slurm_port
 
 TRAIN_ARGS = ["-a", "resnet18", "--epochs", "2", "-b", "16", "--moco-k", "64", "--image-size", "32", "--mlp",
               "--aug-plus", "--cos", "--moco-t", "0.2", "-j", "0", "--lr", "0.05", "--save-freq", "1"]
@@ -82,7 +82,7 @@ def test_slurm_srun_environment_is_detected(tiny_data, tmp_path, subprocess_env)
     ({"SLURM_STEP_NUM_TASKS": "1"}, ("torchrun", 0, 1, 0)),  # one srun task running torchrun
 ])
 def test_leftover_rank_variables_do_not_override_srun(extra, launch):
-    from moco.distributed import detect_launch
+    from moco.runtime.distributed import detect_launch
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "SLURM_JOB_ID": "9", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
            "SLURM_LOCALID": "1", **extra}
@@ -94,7 +94,7 @@ def test_leftover_rank_variables_do_not_override_srun(extra, launch):
     ("n1", "n1"), ("n[1-2]", "n1"), ("gpu[07-09,12],cpu3", "gpu07"), ("a1,b[2-3]", "a1"),
     ("rack[2-3]-node[04-05]", "rack2-node04"), ("x-[001-004]", "x-001"), ("c[5,1-2]", "c5")])
 def test_first_host_reads_slurm_node_lists(nodelist, first):
-    from moco.distributed import first_host
+    from moco.runtime.distributed import first_host
 
     assert first_host(nodelist) == first
 
@@ -110,7 +110,7 @@ def _no_scontrol(tmp_path, monkeypatch, script: str | None):
 
 
 def test_rendezvous_host_needs_no_slurm_commands(tmp_path, monkeypatch):
-    from moco.distributed import _master_addr
+    from moco.runtime.distributed import _master_addr
 
     _no_scontrol(tmp_path, monkeypatch, None)
     assert _master_addr({"SLURM_JOB_NODELIST": "localhost,other"}) == "localhost"
@@ -121,7 +121,7 @@ def test_rendezvous_host_needs_no_slurm_commands(tmp_path, monkeypatch):
 
 def test_rendezvous_host_falls_back_to_node_address(tmp_path, monkeypatch):
     """A node name that does not resolve would hang torch forever; Slurm's NodeAddr is used where scontrol is."""
-    from moco.distributed import _master_addr
+    from moco.runtime.distributed import _master_addr
 
     _no_scontrol(tmp_path, monkeypatch, '#!/bin/sh\necho "NodeName=$4 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=x"\n')
     assert _master_addr({"SLURM_JOB_NODELIST": "no-such-node[1-2].invalid"}) == "10.1.2.3"
@@ -133,7 +133,8 @@ def test_a_task_whose_peers_never_come_stops_at_the_rendezvous_timeout(subproces
                SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost", RENDEZVOUS_ADDR="127.0.0.1",
                RENDEZVOUS_PORT=str(_free_port()), MOCO_RENDEZVOUS_TIMEOUT="2", MOCO_DEVICE="cpu")
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", "from moco.distributed import init_distributed; init_distributed()"],
+    code = "from moco.runtime.distributed import init_distributed; init_distributed()"
+    result = subprocess.run([sys.executable, "-c", code],
                             env=env, cwd=env["PYTHONPATH"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr[-2000:]
     assert "error: rank 0: the 2 tasks did not all meet at 127.0.0.1:" in result.stderr
@@ -142,7 +143,7 @@ def test_a_task_whose_peers_never_come_stops_at_the_rendezvous_timeout(subproces
 
 @pytest.mark.parametrize("value", ["ten", "0", "-5"])
 def test_rendezvous_timeout_must_be_seconds(value):
-    from moco.distributed import rendezvous_timeout
+    from moco.runtime.distributed import rendezvous_timeout
 
     assert rendezvous_timeout({}).total_seconds() == 600
     with pytest.raises(SystemExit, match=f"MOCO_RENDEZVOUS_TIMEOUT='{value}': a number of seconds"):
@@ -153,7 +154,7 @@ def test_slurm_rendezvous_is_the_jobs_whatever_the_submitting_shell_left():
     """sbatch exports the submitting shell: a MASTER_ADDR=localhost from a torchrun tutorial would keep a 2-node job
     waiting out the rendezvous timeout, a fixed MASTER_PORT make two jobs on one node collide. Only RENDEZVOUS_ADDR
     and RENDEZVOUS_PORT (the batch script's, or the site config's) count."""
-    from moco.distributed import slurm_rendezvous
+    from moco.runtime.distributed import slurm_rendezvous
 
     job = {"SLURM_JOB_ID": "4244", "SLURM_JOB_NODELIST": "localhost,n2", "MASTER_ADDR": "leftover.invalid",
            "MASTER_PORT": "29500"}
@@ -164,7 +165,7 @@ def test_slurm_rendezvous_is_the_jobs_whatever_the_submitting_shell_left():
 
 
 def _launch(launcher: str, local_rank: int = 0):
-    from moco.distributed import Launch
+    from moco.runtime.distributed import Launch
 
     return Launch(launcher, local_rank, {"single": 1}.get(launcher, 8), local_rank)
 
@@ -194,16 +195,16 @@ SLURM_STEP = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "1"}
 ], ids=["one-task-4-gpus", "2-of-4-tasks", "2-tasks-1-gpu", "6-tasks-4-gpus-unknown-count", "4-tasks-4-gpus",
         "1-task-1-gpu", "gpus-per-task", "gpus-per-task-job-gpus", "workstation", "torchrun"])
 def test_a_slurm_task_layout_that_idles_or_shares_gpus_is_refused(launcher, local_rank, env, visible, refusal):
-    from moco.distributed import task_layout_problem
+    from moco.runtime.distributed import task_layout_problem
 
     problem = task_layout_problem(_launch(launcher, local_rank), env, visible)
     assert problem is None if refusal is None else re.match(refusal, problem), problem
 
 
 def _fake_gpus(monkeypatch, count: int):
-    import moco.distributed
+    import moco.runtime.distributed
 
-    monkeypatch.setattr(moco.distributed, "select_device", lambda device, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(moco.runtime.distributed, "select_device", lambda device, local_rank: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
@@ -234,10 +235,10 @@ def _broken_transport(tensor):
 def test_the_first_all_reduce_must_reach_every_task(monkeypatch, reduce, message):
     """Right after the process group forms, before any data: a sum short of the world size, or a failure, stops
     the run with one sentence naming this host and device. (The real collective runs in every gloo test above.)"""
-    import moco.distributed
+    import moco.runtime.distributed
 
-    monkeypatch.setattr(moco.distributed.dist, "init_process_group", lambda **kwargs: None)
-    monkeypatch.setattr(moco.distributed.dist, "all_reduce", reduce)
+    monkeypatch.setattr(moco.runtime.distributed.dist, "init_process_group", lambda **kwargs: None)
+    monkeypatch.setattr(moco.runtime.distributed.dist, "all_reduce", reduce)
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MOCO_DEVICE": "cpu"}.items():
         monkeypatch.setenv(name, value)
     if message is None:

@@ -1,12 +1,12 @@
-"""The preflight's real work (moco.exercise, `moco.doctor --exercise`), run on the CPU: passes, and each way it
-fails, in one sentence naming the host and the device."""
+"""The preflight's real work (moco.runtime.exercise, `moco.runtime.doctor --exercise`), run on the CPU: passes, and each
+way it fails, in one sentence naming the host and the device."""
 import re
 import socket
 
 import pytest
 import torch
 
-from moco import doctor, exercise
+from moco.runtime import doctor, exercise
 
 CPU = torch.device("cpu")
 

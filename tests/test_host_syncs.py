@@ -38,7 +38,8 @@ def test_syncs_are_counted_by_step_and_origin_and_judged_after_the_warmup():
 
 
 def test_the_grad_scalers_reads_are_allowed_only_in_fp16():
-    syncs = [host_syncs.Sync(step, "torch/amp/grad_scaler.py:1", "moco/precision.py:1 in optimizer_step", True)
-             for step in (3, 4)] + [host_syncs.Sync(4, "moco/failures.py:1", "moco/failures.py:1 in check", False)]
+    syncs = [host_syncs.Sync(step, "torch/amp/grad_scaler.py:1", "moco/runtime/precision.py:1 in optimizer_step", True)
+             for step in (3, 4)]
+    syncs += [host_syncs.Sync(4, "moco/runtime/failures.py:1", "moco/runtime/failures.py:1 in check", False)]
     assert host_syncs.judge(syncs, 6, 1, check_every=4, scaler_allowed=True)["offending_steps"] == []
     assert host_syncs.judge(syncs, 6, 1, check_every=4, scaler_allowed=False)["offending_steps"] == [3, 4]

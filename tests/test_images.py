@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moco.images import UnreadableImage, image_size, load_rgb, read_image
+from moco.course.images import UnreadableImage, image_size, load_rgb, read_image
 
 
 def pixels(path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moco.metrics import MetricsWriter, read_metrics
+from moco.runtime.metrics import MetricsWriter, read_metrics
 
 # Records as moco.train and demo.train write them (keys copied from a `make demo` run).
 PROBE_AT_INIT = {"epoch": 0, "knn_top1": 0.30, "knn_top1_own_bn": 0.42}
@@ -82,7 +82,7 @@ def test_other_ranks_write_nothing(tmp_path):
 
 def test_without_tensorboard_metrics_jsonl_is_written_after_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="moco.metrics"), MetricsWriter(tmp_path) as writer:
+    with caplog.at_level(logging.WARNING, logger="moco.runtime.metrics"), MetricsWriter(tmp_path) as writer:
         writer.write(PROBE_AT_INIT)
         writer.write(PRETRAINING)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
@@ -95,6 +95,6 @@ def test_without_tensorboard_metrics_jsonl_is_written_after_one_warning(tmp_path
 def test_a_line_still_being_written_is_passed_over(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(PROBE_AT_INIT) + "\n" + json.dumps(PRETRAINING)[:30])
-    with caplog.at_level(logging.WARNING, logger="moco.metrics"):
+    with caplog.at_level(logging.WARNING, logger="moco.runtime.metrics"):
         assert read_metrics(path) == [PROBE_AT_INIT]
     assert f"{path}:2" in caplog.text

@@ -16,7 +16,7 @@ from PIL import Image
 
 from demo import onnx_export as ox
 from demo.model import detector_from_checkpoint
-from moco import checkpoint
+from moco.runtime import checkpoint
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

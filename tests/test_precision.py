@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moco import checkpoint, precision, preemption
-from moco.precision import autocast_dtype, cpu_has_native_bf16, optimizer_step
+from moco.runtime import checkpoint, precision, preemption
+from moco.runtime.precision import autocast_dtype, cpu_has_native_bf16, optimizer_step
 from moco.train import main
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a CUDA device object needs no GPU until used
@@ -92,7 +92,7 @@ def test_a_step_the_grad_scaler_skipped_leaves_the_lr_schedule_where_it_was():
     """Fine-tuning's warm-up counts updates, not batches: an fp16 overflow (a finite loss whose scaled gradient is
     not) skips the update and must not advance it."""
     from demo import engine
-    from moco.unreadable import UnreadableFiles
+    from moco.runtime.unreadable import UnreadableFiles
 
     class Model(torch.nn.Module):
         def __init__(self):

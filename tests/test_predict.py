@@ -13,8 +13,8 @@ from PIL import Image
 from demo import draw
 from demo import evaluate as demo_evaluate
 from demo import predict as demo_predict
-from moco.course import CLASSES
-from moco.unreadable import EXIT_DATAERR
+from moco.course.layout import CLASSES
+from moco.runtime.unreadable import EXIT_DATAERR
 
 CATEGORY = 4  # the class the biased detector finds: 'person'
 NAMES = {i + 1: name for i, name in enumerate(CLASSES)}

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from moco import preemption
+from moco.runtime import preemption
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from moco import progress as progress_module
-from moco.logger import setup_logging
-from moco.progress import EpochProgress
+from moco.runtime import progress as progress_module
+from moco.runtime.logger import setup_logging
+from moco.runtime.progress import EpochProgress
 
 log = logging.getLogger("test.progress")
 

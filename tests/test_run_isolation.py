@@ -13,10 +13,10 @@ from PIL import Image
 from demo import evaluate as demo_evaluate
 from demo import lineage
 from demo import train as demo_train
-from moco import checkpoint, runs
 from moco import train as moco_train
-from moco.logger import setup_logging
-from moco.runlock import DirectoryLock
+from moco.runtime import checkpoint, runs
+from moco.runtime.logger import setup_logging
+from moco.runtime.runlock import DirectoryLock
 
 MOCO = ["-a", "resnet18", "--image-size", "32", "-b", "32", "--moco-k", "64", "--mlp", "-j", "0", "--bn-splits", "4",
         "--precision", "off"]
@@ -88,7 +88,7 @@ def test_moco_refuses_a_checkpoint_of_another_recipe(pretrained, images, tmp_pat
 
 HOLDER = """
 import sys, time
-from moco.runlock import DirectoryLock
+from moco.runtime.runlock import DirectoryLock
 DirectoryLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(300)
@@ -284,7 +284,7 @@ RANK = """
 import sys
 from pathlib import Path
 import torch.distributed as dist
-from moco import runs
+from moco.runtime import runs
 
 rank, port, views = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -323,7 +323,7 @@ def test_every_rank_starts_from_the_file_rank_0_chose(tmp_path, subprocess_env):
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory):
-    from moco.tinyset import generate
+    from moco.course.tinyset import generate
 
     return generate(tmp_path_factory.mktemp("tiny"), unlabeled=0, train=8, val=4) / "labeled"
 

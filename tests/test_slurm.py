@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moco import checkpoint
-from moco.distributed import slurm_port
+from moco.runtime import checkpoint
+from moco.runtime.distributed import slurm_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -182,7 +182,7 @@ def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
 
     label.write_text("bboxes: [[1, 2, 20, 20]]\nlabels: [dgo]\n")
     status, calls, log = job(1)
-    assert status == 1 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.doctor"],
+    assert status == 1 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.runtime.doctor"],
                                                               ["python", "-m", "demo.check"]]
     assert f"unknown class: 1 file\n    {label}: ['dgo']" in log
     assert "error: the data check found errors, listed by kind in its report above in this log" in log
@@ -190,7 +190,7 @@ def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
 
     status, calls, log = job(2, CHECK_STATUS="0")
     assert status == 0 and [c.split()[:3] for c in calls] == [
-        ["srun"], ["python", "-m", "moco.doctor"], ["python", "-m", "demo.check"], ["srun"],
+        ["srun"], ["python", "-m", "moco.runtime.doctor"], ["python", "-m", "demo.check"], ["srun"],
         ["python", "-m", "demo.train"]]
     assert calls[2] == f"python -m demo.check {labeled}"
     assert "data check passed" in log
@@ -200,5 +200,5 @@ def test_check_data_runs_the_check_first_and_its_errors_stop_the_job(tmp_path):
     assert "error: the data check could not run (python -m demo.check, status 2, above)" in log
 
     status, calls, _ = job(4, R1_CHECK_DATA="0")
-    assert status == 0 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.doctor"], ["srun"],
-                                                              ["python", "-m", "demo.train"]]
+    assert status == 0 and [c.split()[:3] for c in calls] == [["srun"], ["python", "-m", "moco.runtime.doctor"],
+                                                              ["srun"], ["python", "-m", "demo.train"]]

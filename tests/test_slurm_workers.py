@@ -16,7 +16,7 @@ from slurm_logs import moco_resume_point, stage_resume_point, stop_point
 from test_slurm import ONE_TASK, SLOWER_MOCO, log_of, sbatch, wait_done, wait_for
 
 from demo.recipe import warmup_factor
-from moco import checkpoint
+from moco.runtime import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

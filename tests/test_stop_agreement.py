@@ -11,7 +11,7 @@ RANK = """
 import os, signal, sys
 import torch
 import torch.distributed as dist
-from moco import preemption
+from moco.runtime import preemption
 
 rank, port = int(sys.argv[1]), sys.argv[2]
 preemption.install()

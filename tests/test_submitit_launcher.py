@@ -13,7 +13,7 @@ import pytest
 from slurm_logs import moco_resume_point, stop_point
 from test_slurm_workers import _has_forkserver
 
-from moco import checkpoint
+from moco.runtime import checkpoint
 from slurm import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,8 @@ def test_command_lines_match_the_job_scripts(monkeypatch, tmp_path):
         subprocess.run(["bash", f"{stage.script}.slurm"], cwd=ROOT / "slurm", check=True,
                        env={**env, "SLURM_JOB_NAME": stage.script})
         assert (tmp_path / "calls").read_text().splitlines() == [
-            "srun", "python -m moco.doctor --", "srun", f"python -m {stage.module} {stage_argv[0][:2]}"], stage.script
+            "srun", "python -m moco.runtime.doctor --", "srun", f"python -m {stage.module} {stage_argv[0][:2]}"
+        ], stage.script
         recorded = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
         python = recorded.index(env["TASK_PYTHON"])
         assert recorded[python + 1:] == ["-m", stage.module, *stage_argv], stage.script

@@ -3,9 +3,9 @@ import hashlib
 import pytest
 from PIL import Image
 
-from moco.course import CLASSES, list_split, read_label_file
+from moco.course.layout import CLASSES, list_split, read_label_file
+from moco.course.tinyset import TINY_CLASSES, generate
 from moco.data import find_unlabeled_images
-from moco.tinyset import TINY_CLASSES, generate
 
 
 def _digest(root):
@@ -48,7 +48,7 @@ def test_refuses_to_overwrite_data_it_did_not_write(tmp_path):
     real = tmp_path / "real" / "train" / "unlabeled"
     real.mkdir(parents=True)
     (real / "0.PNG").write_bytes(b"precious")
-    with pytest.raises(FileExistsError, match="not written by moco.tinyset"):
+    with pytest.raises(FileExistsError, match="not written by moco.course.tinyset"):
         generate(tmp_path / "real", unlabeled=2, train=1, val=1)
     assert (real / "0.PNG").read_bytes() == b"precious"
 
@@ -56,7 +56,7 @@ def test_refuses_to_overwrite_data_it_did_not_write(tmp_path):
 def test_colour_is_drawn_per_object_not_per_class():
     import numpy as np
 
-    from moco.tinyset import render
+    from moco.course.tinyset import render
 
     centres = []  # 'cup or mug' is a solid circle: its centre pixel is its fill colour
     for seed in range(60):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moco import checkpoint, preemption
 from moco.batchnorm import SplitBatchNorm2d
+from moco.runtime import checkpoint, preemption
 from moco.train import build_model, get_parser, learning_rate, main
 
 K = 256
@@ -213,8 +213,8 @@ def test_a_moco_step_reads_nothing_back_from_the_device(monkeypatch):
     host wait for a GPU. Autocast has no meta backend, so it is the one piece left out."""
     import contextlib
 
-    from moco import failures
     from moco.augment import Normalize
+    from moco.runtime import failures
     from moco.train import describe_logits, moco_step
 
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())

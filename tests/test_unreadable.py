@@ -12,12 +12,12 @@ from test_train import _assert_same_state, _stop_at_call
 
 from demo import evaluate as demo_evaluate
 from demo import train as demo_train
-from moco import checkpoint
 from moco import train as moco_train
+from moco.course.images import UnreadableImage
 from moco.data import EpochSampler
-from moco.images import UnreadableImage
-from moco.unreadable import EXIT_DATAERR, TooManyUnreadable, UnreadableFiles, first_readable
-from moco.workers import DataLoader, original_message
+from moco.runtime import checkpoint
+from moco.runtime.unreadable import EXIT_DATAERR, TooManyUnreadable, UnreadableFiles, first_readable
+from moco.runtime.workers import DataLoader, original_message
 
 MOCO = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "16", "--mlp", "--bn-splits", "2",
         "--precision", "off", "-p", "0"]
@@ -92,7 +92,7 @@ RANK = """
 import sys
 import torch
 import torch.distributed as dist
-from moco.unreadable import TooManyUnreadable, UnreadableFiles
+from moco.runtime.unreadable import TooManyUnreadable, UnreadableFiles
 
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

@@ -1,4 +1,4 @@
-"""Data-loader workers under Slurm's stop signals (moco.workers), and the stop check inside inference.
+"""Data-loader workers under Slurm's stop signals (moco.runtime.workers), and the stop check inside inference.
 
 Slurm's signals come from slurmstepd, not from the loader's process: the tests send theirs with kill(1), since a
 SIGTERM from the loader's own process is how it ends a worker.
@@ -16,8 +16,8 @@ import torch
 from loader_items import SlowItems, SlowToStart
 
 from demo import engine
-from moco import preemption
-from moco.workers import DataLoader
+from moco.runtime import preemption
+from moco.runtime.workers import DataLoader
 
 METHODS = ["fork", "forkserver"]
 
@@ -58,8 +58,8 @@ def test_a_signal_during_a_workers_start_up_waits():
 JOB_STEP = """
 import multiprocessing, sys, time
 import torch
-from moco import preemption
-from moco.workers import DataLoader
+from moco.runtime import preemption
+from moco.runtime.workers import DataLoader
 
 class Slow(torch.utils.data.Dataset):
     def __len__(self):

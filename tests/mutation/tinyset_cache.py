@@ -7,10 +7,10 @@ rendered once with the same parameters is the same dataset.
 import shutil
 from pathlib import Path
 
-import moco.tinyset
+import moco.course.tinyset
 
 CACHE = Path(__file__).resolve().parents[2] / ".tinyset-cache"
-_render = moco.tinyset.generate
+_render = moco.course.tinyset.generate
 
 
 def _generate_from_cache(out, **params):
@@ -21,4 +21,4 @@ def _generate_from_cache(out, **params):
 
 
 def pytest_configure(config):
-    moco.tinyset.generate = _generate_from_cache
+    moco.course.tinyset.generate = _generate_from_cache

@@ -19,7 +19,7 @@ class _RankFilter(logging.Filter):
 
 
 def _shown_on_console(record: logging.LogRecord) -> bool:
-    """Records logged with ``extra={"console": False}`` go to the file alone: on a terminal, moco.progress's
+    """Records logged with ``extra={"console": False}`` go to the file alone: on a terminal, moco.runtime.progress's
     redrawn line stands in for its periodic lines."""
     return getattr(record, "console", True)
 
@@ -36,7 +36,7 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> None:
         handler.close()
     console = logging.StreamHandler(sys.stdout)
     console.addFilter(_shown_on_console)
-    # On a terminal a line first clears moco.progress's redrawn line, rather than continuing it.
+    # On a terminal a line first clears moco.runtime.progress's redrawn line, rather than continuing it.
     handlers = {console: ("\r\x1b[K" if sys.stdout.isatty() else "") + _FORMAT}
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

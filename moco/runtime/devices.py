@@ -106,7 +106,7 @@ def cuda_problem() -> str | None:
 
 def refusal(problem: str, given: str) -> str:
     reason = f"this job was given GPUs ({given})" if given else "--device cuda was asked for"
-    return (f"{reason} but CUDA cannot use them: {problem}; {build_summary()}. Run `python -m moco.doctor` for "
+    return (f"{reason} but CUDA cannot use them: {problem}; {build_summary()}. Run `python -m moco.runtime.doctor` for "
             f"details, or run on the CPU on purpose with --device cpu or {DEVICE_ENV}=cpu")
 
 
@@ -132,7 +132,7 @@ def select_device(requested: str | None = None, local_rank: int = 0) -> torch.de
 
 def configure_backends(device: torch.device, fixed_shapes: bool) -> None:
     """GPU speed settings every entry point wants: TF32 for the fp32 matrix work left outside autocast (Ampere and
-    newer; ignored on older GPUs and the CPU), except what ``moco.precision.true_fp32`` keeps exact; and cuDNN's
+    newer; ignored on older GPUs and the CPU), except what ``moco.runtime.precision.true_fp32`` keeps exact; and cuDNN's
     autotuner when every batch has the same shape (MoCo's crops), where the first steps' search pays back;
     detection's varying image sizes would search again and again."""
     if device.type != "cuda":

@@ -3,7 +3,7 @@
 Exit statuses of moco.train and demo.train (sysexits.h numbers):
 - 0: done, or nothing left to do.
 - 1: an error to fix before running again, said in one line ("error: ..."); or a bug, with its traceback.
-- 65 (EX_DATAERR), ``moco.unreadable.EXIT_DATAERR``: more training images could not be read than
+- 65 (EX_DATAERR), ``moco.runtime.unreadable.EXIT_DATAERR``: more training images could not be read than
   --max-unreadable allows; stopped with a mid-epoch checkpoint, the files listed. Not requeued: the same files
   would stop it again.
 - 70 (EX_SOFTWARE), ``EXIT_DIVERGED``: the loss was not finite on some rank. Every rank stops together, and nothing
@@ -12,7 +12,7 @@ Exit statuses of moco.train and demo.train (sysexits.h numbers):
   run would diverge again at the same step.
 - 74 (EX_IOERR), ``EXIT_IOERR``: a checkpoint could not be written (a full disk, a quota); the previous one is
   intact. Not requeued either: a requeue into a full disk would churn.
-- 75 (EX_TEMPFAIL), ``moco.preemption.EXIT_REQUEUE``: stopped by a signal with a checkpoint, to be requeued.
+- 75 (EX_TEMPFAIL), ``moco.runtime.preemption.EXIT_REQUEUE``: stopped by a signal with a checkpoint, to be requeued.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..course.images import UnreadableImage
 from . import checkpoint, preemption, unreadable
-from .images import UnreadableImage
 from .logger import get_logger
 from .workers import original_message
 
@@ -152,7 +152,7 @@ def exit_statuses(last: Path) -> Iterator[None]:
     """The trainers' errors as their exit statuses, each with one message; ``last``: the run's checkpoint_last.
 
     Whatever the error, the frames it passed through let go of the training's objects, so that
-    ``moco.distributed.cleanup_distributed`` can free the DDP model before it leaves the process group."""
+    ``moco.runtime.distributed.cleanup_distributed`` can free the DDP model before it leaves the process group."""
     try:
         yield
     except BaseException as exc:

@@ -7,7 +7,7 @@
   node never collide. ``MASTER_ADDR``/``MASTER_PORT`` are not read: sbatch carries them over from the submitting
   shell. The tasks wait ``$MOCO_RENDEZVOUS_TIMEOUT`` seconds for each other, then stop with a sentence saying so;
 - anything else is a single process, with no process group.
-The device comes from ``moco.devices.select_device`` (``--device``/``$MOCO_DEVICE``): ``cuda:<local rank>``, or
+The device comes from ``moco.runtime.devices.select_device`` (``--device``/``$MOCO_DEVICE``): ``cuda:<local rank>``, or
 the CPU only when no GPU was allocated or the CPU was asked for; the backend is nccl on CUDA, gloo on CPU. A Slurm
 task refuses a layout that leaves GPUs idle or puts two tasks on one GPU, and every multi-process run checks one
 all_reduce across all its processes before any data is read.
@@ -173,7 +173,7 @@ def rendezvous_timeout(env=os.environ) -> datetime.timedelta:
 
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Join the process group of this launch on the device ``select_device(device)`` gives this rank; raises
-    ``moco.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them.
+    ``moco.runtime.devices.DeviceError`` before any rendezvous when GPUs were allocated but CUDA cannot use them.
     ``timeout_minutes`` bounds every collective (rank 0 scores validation while the others wait for its outcome)."""
     env = os.environ
     launch = detect_launch(env)
@@ -250,7 +250,7 @@ def cleanup_distributed() -> None:
     the last collective's tensors, and the process hangs at exit (seen after a failure broadcast by
     runs.decided_by_rank0). Destroyed by destroy_process_group, the group lets go of the GIL first. DDP keeps
     itself in a reference cycle, hence the collection; the frames of an error must have released it (see
-    moco.failures.exit_statuses)."""
+    moco.runtime.failures.exit_statuses)."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

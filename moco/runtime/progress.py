@@ -3,7 +3,7 @@
 On a terminal (stdout, where the log's console lines go, a TTY), rank 0 redraws one line a few times a second:
 step/steps, images/s, time left, and the loss of the last --print-freq step. A Slurm log or a pipe would fill up
 with the redrawn lines, so there the --print-freq log lines stay the only ones, as before. Both trainers log those
-lines through here either way; on a terminal they go to train.log only (see moco.logger), where the redrawn line
+lines through here either way; on a terminal they go to train.log only (see moco.runtime.logger), where the redrawn line
 stands in for them.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class EpochProgress:
     def __init__(self, log: logging.Logger, epoch: int, steps: int, first_step: int = 0, print_freq: int = 10,
                  stream: TextIO | None = None):
         self.log, self.epoch, self.steps, self.first_step, self.print_freq = log, epoch, steps, first_step, print_freq
-        # The console log's stream: moco.logger clears the redrawn line before a log line only on that terminal.
+        # The console log's stream: moco.runtime.logger clears the redrawn line before a log line only on that terminal.
         self.stream = stream or sys.stdout
         self.live = _rank() == 0 and self.stream.isatty()
         self.details = ""

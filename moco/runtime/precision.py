@@ -6,7 +6,7 @@ Inference (validation, evaluation): fp16 on every GPU, whose 10-bit mantissa kee
 fp32 than bf16's 7 bits, and fp32 on the CPU, where only scores would gain speed. Box geometry is fp32 under any
 of them (demo.fp32_boxes). The few operations whose rounding the results depend on (InfoNCE's logits, the
 detector's last scoring and box layers) run in true fp32 (``true_fp32``): outside autocast, and without TF32, which
-every other fp32 matmul and convolution on Ampere and newer GPUs uses (moco.devices.configure_backends).
+every other fp32 matmul and convolution on Ampere and newer GPUs uses (moco.runtime.devices.configure_backends).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Real work for the preflight (``python -m moco.doctor --exercise``): a GPU can be listed, and even take kernels,
-yet compute garbage or fault under load (a failing card, a bad driver, ECC errors). Every device named here runs
-about a second of the mixed-precision matrix multiplications and convolutions that training runs, and every
+"""Real work for the preflight (``python -m moco.runtime.doctor --exercise``): a GPU can be listed, and even take
+kernels, yet compute garbage or fault under load (a failing card, a bad driver, ECC errors). Every device named here
+runs about a second of the mixed-precision matrix multiplications and convolutions that training runs, and every
 result must be finite and agree with an fp32 computation on the CPU. A failure is one sentence naming the host and
 the GPU.
 

@@ -6,7 +6,8 @@ one attempt to find, not 50. Each kind is either an error, which training refuse
 class name cannot be repaired without guessing), or a repair, which training makes and summarises at start (a box
 reaching outside its image is clamped to it; a box with no area left is dropped). ``--strict-labels`` turns the
 repairs into errors. Images without boxes are valid background images, not a problem. ``demo.check`` adds notes on
-images that decode by the policy of ``moco.images`` (16-bit, palette, transparency...): neither errors nor repairs.
+images that decode by the policy of ``moco.course.images`` (16-bit, palette, transparency...): neither errors nor
+repairs.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ KINDS: dict[str, bool] = {
     "box without area (dropped)": False,
     "label file without image (ignored)": False,
 }
-# Images that moco.images converts by its stated policy, reported by demo.check: notes, which training accepts even
-# under --strict-labels (it refuses label repairs, not image modes).
+# Images that moco.course.images converts by its stated policy, reported by demo.check: notes, which training accepts
+# even under --strict-labels (it refuses label repairs, not image modes).
 IMAGE_NOTES: tuple[str, ...] = (
     "16/32-bit greyscale (scaled to 8 bits)",
     "palette image (converted to RGB)",

@@ -4,7 +4,7 @@ Slurm signals every process of a job step, data-loader workers included: the tim
 the batch script passes to srun; SIGUSR2 under submitit, whose --signal=USR2@... has no B: and so reaches every
 process) and a preemption or requeue (SIGTERM). SIGUSR1's and SIGUSR2's default action kills a worker, and so does
 SIGTERM through torch's worker handler; the main process then fails with "DataLoader worker ... is killed by
-signal" instead of stopping at the next step with a checkpoint (moco.preemption), the only answer these signals
+signal" instead of stopping at the next step with a checkpoint (moco.runtime.preemption), the only answer these signals
 should get. A worker started by fork inherits the main process's handlers; under forkserver and spawn (Python
 3.14's default is forkserver) it has none.
 
@@ -12,7 +12,7 @@ Ignoring SIGTERM in the workers is not enough: multiprocessing ends daemonic wor
 SIGTERM and joins them without a timeout, so the exit after a stop (persistent workers still alive) would hang.
 Here a worker keeps the three signals blocked and one thread takes them with sigwaitinfo: a SIGTERM from the main
 process ends the worker with status 0, as torch's own handler does (a worker that dies of a signal is reported as
-a failure); any other is dropped. The main process's own answer to each signal stays moco.preemption's (SIGUSR2
+a failure); any other is dropped. The main process's own answer to each signal stays moco.runtime.preemption's (SIGUSR2
 requests a stop only where the submitit launcher installs it).
 
 The main process blocks the signals while it starts workers. A blocked signal stays blocked across fork and exec,

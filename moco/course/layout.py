@@ -3,7 +3,7 @@
 A split lives at ``<root>/<split>/images/N.JPEG`` with ``<root>/<split>/labels/N.yml``; each YAML holds
 ``bboxes`` (``[xmin, ymin, xmax, ymax]`` in pixels) and ``labels`` (course class names, same length); some editions
 also carry ``image_size``, which is not required. Problems are collected, never raised one at a time (see
-``moco.labels``).
+``moco.course.labels``).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def parse_label_file(path: str | Path) -> tuple[list[list[float]], list[str], li
                  for i, box in enumerate(boxes) if not is_box(box)]
     unknown = sorted({str(n) for n in names} - _KNOWN)
     if unknown:
-        problems.append(Problem(path, "unknown class", f"{unknown}; the course's names are in moco/course_classes.txt"))
+        problems.append(Problem(path, "unknown class",
+                                f"{unknown}; the course's names are in moco/course/course_classes.txt"))
     if problems:
         return [], [], problems
     return [[float(v) for v in box] for box in boxes], [str(n) for n in names], []

@@ -1,6 +1,6 @@
 """Training images that cannot be read: each replaced, logged, counted, and a ceiling past which the run stops.
 
-A training sample whose file cannot be decoded (``moco.images.UnreadableImage``: truncated, empty, not an image)
+A training sample whose file cannot be decoded (``moco.course.images.UnreadableImage``: truncated, empty, not an image)
 is replaced by the next readable sample of the dataset (index + 1, index + 2, ..., wrapping around), so a run
 depends only on its seed and on which files are bad: the same with any number of workers, and across resumes
 (pretraining augments the replacement with the original sample's seed). A dataset returns, after each sample, the
@@ -10,7 +10,7 @@ each file once per process and counts the epoch's files for its record (``unread
 Past ``--max-unreadable`` distinct files the data is broken rather than noisy: the run stops with a mid-epoch
 checkpoint, as on a stop signal, lists the files, and exits with ``EXIT_DATAERR``, which the Slurm scripts do not
 requeue (a requeued job would meet the same files). The ranks agree at the stop poll's cadence
-(``moco.preemption.POLL_STEPS``), so they stop at the same step. A sample followed by more than
+(``moco.runtime.preemption.POLL_STEPS``), so they stop at the same step. A sample followed by more than
 ``--max-unreadable`` + 1 unreadable files in a row ends the run at once, with an error naming the first of them.
 
 Validation, evaluation and the kNN probe never replace an image: that would change their score without a word.
@@ -24,8 +24,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ..course.images import UnreadableImage
 from .distributed import all_reduce_mean
-from .images import UnreadableImage
 from .logger import get_logger
 from .preemption import POLL_STEPS
 
@@ -71,7 +71,7 @@ def first_readable(read: Callable[[int], T], index: int, size: int, limit: int) 
 
 class TooManyUnreadable(Exception):
     """Raised by a training loop at the step where the ranks agreed that too many files failed; the checkpoint is
-    the caller's job, as for ``moco.preemption.Preempted``."""
+    the caller's job, as for ``moco.runtime.preemption.Preempted``."""
 
     def __init__(self, step: int, errors: dict[int, str], ceiling: int):
         listing = "".join(f"  {errors[index]}\n" for index in sorted(errors))
