@@ -65,10 +65,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco.runtime import checkpoint, failures, preemption, runs, unreadable
+from moco.runtime import checkpoint, preemption, runs, unreadable
 from moco.runtime.devices import add_device_argument, configure_backends
-from moco.runtime.distributed import cleanup_distributed, init_distributed
-from moco.runtime.logger import get_logger, setup_logging
+from moco.runtime.harness import run_training
+from moco.runtime.logger import get_logger
 from moco.runtime.metrics import MetricsWriter
 from moco.runtime.precision import MODES, autocast_dtype
 from moco.runtime.runlock import DirectoryLock
@@ -76,7 +76,7 @@ from moco.runtime.unreadable import TooManyUnreadable, UnreadableFiles
 from moco.runtime.workers import DataLoader
 
 from . import coco_eval, lineage
-from .datasets import ReplacingUnreadable, collate, load_split
+from .datasets import DetectionSet, ReplacingUnreadable, collate, load_split
 from .engine import predict, stage_schedule, train_one_epoch
 from .inference import for_inference
 from .model import NORMS, DetectorConfig, build_detector, detector_from_checkpoint, load_backbone, read_backbone
@@ -167,22 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:  # before any process group or data: nothing would train
             parser.error(f"{flag} {value}: at least 1, or nothing would train")
-    env = init_distributed(args.device)
     stage_dir = Path(args.output_dir) / args.stage
-    lock = DirectoryLock(stage_dir)
-    setup_logging(env.rank)  # the file once the directory is this run's: --restart may move it aside first
-    try:
-        with failures.exit_statuses(stage_dir / checkpoint.LAST):
-            aside = runs.decided_by_rank0(lambda: claim_stage(args, stage_dir, lock), env.device)
-            setup_logging(env.rank, stage_dir / "train.log")
-            if aside is not None:
-                log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
-                            aside)
-            with MetricsWriter(stage_dir, env.rank) as metrics_writer:
-                return _train(args, env, stage_dir, metrics_writer)
-    finally:
-        lock.release()
-        cleanup_distributed()
+
+    def train(env, metrics_writer: MetricsWriter, aside: Path | None) -> dict:
+        if aside is not None:
+            log.warning("--restart: the stale stage %s was moved aside to %s; the stage starts afresh", stage_dir,
+                        aside)
+        return _train(args, env, stage_dir, metrics_writer)
+
+    # The log file once the directory is this run's: --restart may move it aside first.
+    return run_training(stage_dir, args.device, train, lambda lock: claim_stage(args, stage_dir, lock))
 
 
 def claim_stage(args: argparse.Namespace, stage_dir: Path, lock: DirectoryLock) -> Path | None:
@@ -253,26 +247,20 @@ def detector_config(args: argparse.Namespace, protocol: Protocol, arch: str, num
                           rois_per_image=args.rois_per_image, fpn_channels=args.fpn_channels)
 
 
-def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: MetricsWriter) -> dict:
-    stage = STAGES[args.stage]
-    if args.batch_size % env.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {env.world_size} "
-                         f"processes")
-    source, how, upstream, run_id = runs.decided_by_rank0(lambda: starting_point(args, stage_dir), env.device)
-    ckpt = checkpoint.load(source) if source is not None else None
-    if args.bp and how != "fresh":
-        log.warning("--bp %s not loaded: stage %s continues %s", args.bp, stage.name, source)
+def datasets(args: argparse.Namespace) -> tuple[DetectionSet, DetectionSet]:
+    """The training split (with the stage's augmentation) and the validation split, which must name the same
+    categories."""
     train_set = load_split(args.dataset_root, args.train_split, train_transforms(), args.strict_labels)
     val_set = load_split(args.dataset_root, args.val_split, strict=args.strict_labels)
     if train_set.categories != val_set.categories:
         raise ValueError(f"{val_set.source}: categories differ from {train_set.source}")
-    device = env.device
-    configure_backends(device, fixed_shapes=False)
-    amp_dtype = autocast_dtype(device, args.precision)
-    val_dtype = autocast_dtype(device, args.precision, inference=True)  # as demo.evaluate's: the same AP
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    return train_set, val_set
 
-    protocol = chosen_protocol(args, ckpt, source)
+
+def detector(args: argparse.Namespace, ckpt: dict | None, source: Path | None, protocol: Protocol,
+             train_set: DetectionSet, env, channels_last: bool) -> tuple[nn.Module, DetectorConfig]:
+    """The stage's detector on its device: the checkpoint's it continues, or a new one on the --bp backbone (a
+    random one without), the same on every rank."""
     torch.manual_seed(args.seed)  # identical heads on every rank
     if ckpt is None:
         arch, weights = read_backbone(args.bp) if args.bp else (args.arch or "resnet50", None)
@@ -286,12 +274,33 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
             log.warning("no --bp: %s backbone randomly initialised (a baseline, not a transfer)", arch)
     else:
         model, config = detector_from_checkpoint(ckpt, source, train_set.categories)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if config.norm == "sync" and env.distributed:
-        if device.type == "cuda":
+        if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log.warning("SyncBatchNorm needs CUDA: on CPU each process normalises with its own batch")
+    return model, config
+
+
+def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: MetricsWriter) -> dict:
+    stage = STAGES[args.stage]
+    if args.batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is the total and must divide among {env.world_size} "
+                         f"processes")
+    source, how, upstream, run_id = runs.decided_by_rank0(lambda: starting_point(args, stage_dir), env.device)
+    ckpt = checkpoint.load(source) if source is not None else None
+    if args.bp and how != "fresh":
+        log.warning("--bp %s not loaded: stage %s continues %s", args.bp, stage.name, source)
+    train_set, val_set = datasets(args)
+    device = env.device
+    configure_backends(device, fixed_shapes=False)
+    amp_dtype = autocast_dtype(device, args.precision)
+    val_dtype = autocast_dtype(device, args.precision, inference=True)  # as demo.evaluate's: the same AP
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+
+    protocol = chosen_protocol(args, ckpt, source)
+    model, config = detector(args, ckpt, source, protocol, train_set, env, channels_last)
 
     per_rank_batch = args.batch_size // env.world_size
     sampler = GroupedBatchSampler(train_set.aspect_ratios(), per_rank_batch, env.rank, env.world_size, args.seed)

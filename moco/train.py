@@ -59,12 +59,12 @@ from .data import EpochSampler, UnlabeledImages, find_unlabeled_images
 from .probe import KnnProbe
 from .runtime import checkpoint, failures, preemption, runs, unreadable
 from .runtime.devices import add_device_argument, configure_backends
-from .runtime.distributed import all_reduce_mean, average_running_stats, cleanup_distributed, init_distributed
-from .runtime.logger import get_logger, setup_logging
+from .runtime.distributed import all_reduce_mean, average_running_stats
+from .runtime.harness import run_training
+from .runtime.logger import get_logger
 from .runtime.metrics import MetricsWriter
 from .runtime.precision import MODES, autocast_dtype, optimizer_step
 from .runtime.progress import EpochProgress
-from .runtime.runlock import DirectoryLock
 from .runtime.unreadable import TooManyUnreadable, UnreadableFiles
 from .runtime.workers import DataLoader
 
@@ -288,20 +288,9 @@ def main(argv: list[str] | None = None) -> MoCo:
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--moco-k", args.moco_k)):
         if value < 1:  # before any process group or data: a request that would train nothing, refused
             parser.error(f"{flag} {value}: at least 1, or nothing would train")
-    env = init_distributed(args.device)
     output_dir = Path(args.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(env.rank, output_dir / "train.log")
-    lock = DirectoryLock(output_dir)
-    try:
-        with failures.exit_statuses(output_dir / checkpoint.LAST):
-            runs.decided_by_rank0(lock.acquire, env.device)  # a refusal reaches every rank
-            with MetricsWriter(output_dir, env.rank) as metrics_writer:
-                return _train(args, env, output_dir, metrics_writer)
-    finally:
-        lock.release()
-        cleanup_distributed()
+    return run_training(output_dir, args.device, lambda env, metrics_writer, _: _train(args, env, output_dir,
+                                                                                         metrics_writer))
 
 
 def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: MetricsWriter) -> MoCo:
