@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco.runtime import checkpoint, preemption, runs, unreadable
+from moco.runtime import checkpoint, failures, preemption, runs, unreadable
 from moco.runtime.devices import add_device_argument, configure_backends
 from moco.runtime.harness import run_training
 from moco.runtime.logger import get_logger
@@ -292,6 +292,13 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
     ckpt = checkpoint.load(source) if source is not None else None
     if args.bp and how != "fresh":
         log.warning("--bp %s not loaded: stage %s continues %s", args.bp, stage.name, source)
+    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+    end_epoch = args.epochs if args.epochs is not None else stage.end_epoch
+    if how == "resume" and args.epochs is None:
+        end_epoch = int(ckpt["stage_end"])
+    if end_epoch <= start_epoch and how != "resume":  # before the data: a request that would train nothing
+        raise failures.UsageError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
+                                  f"give a larger --epochs")
     train_set, val_set = datasets(args)
     device = env.device
     configure_backends(device, fixed_shapes=False)
@@ -314,22 +321,15 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
     lr = args.lr if args.lr is not None else scaled_lr(protocol, stage, args.batch_size)
     warmup = min(stage.warmup_iters, len(loader))
 
-    start_epoch, start_step, best_ap, last_val = 0, 0, -1.0, None
-    end_epoch = args.epochs if args.epochs is not None else stage.end_epoch
+    start_step, best_ap, last_val = 0, -1.0, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])  # momentum buffers carry over between stages too
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"])
     scheduler = stage_schedule(optimizer, lr, warmup, ckpt["lr_scheduler"] if how == "resume" else None, args.lr)
     lr = scheduler.base_lrs[0]
     if how == "resume":
         best_ap, last_val, start_step = float(ckpt["best_ap"]), ckpt["val"], int(ckpt.get("step", 0))
-        if args.epochs is None:
-            end_epoch = int(ckpt["stage_end"])
-    if end_epoch <= start_epoch and how != "resume":
-        raise ValueError(f"stage {stage.name} would end at epoch {end_epoch} but starts at {start_epoch}: "
-                         f"give a larger --epochs")
     log.info("stage %s (%s%s): epochs %d..%d (from step %d), protocol %s, lr %.4g, batch %d on %d process(es) [%s], "
              "%s, precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
              end_epoch - 1, start_step, protocol.name, lr, args.batch_size, env.world_size, env.launcher, device,

@@ -298,7 +298,8 @@ def _train(args: argparse.Namespace, env, output_dir: Path, metrics_writer: Metr
     paths = find_unlabeled_images(args.data)  # first: a wrong path should fail before any model is built
     per_rank_batch = args.batch_size // env.world_size
     if len(paths) // env.world_size < per_rank_batch:
-        raise SystemExit(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}")
+        raise failures.UsageError(f"{args.data}: {len(paths)} images cannot fill one batch of {args.batch_size}"
+                                  f"{f' on {env.world_size} processes' if env.world_size > 1 else ''}")
     device = env.device
     configure_backends(device, fixed_shapes=True)
     amp_dtype = autocast_dtype(device, args.precision)

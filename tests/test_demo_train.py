@@ -303,6 +303,17 @@ def test_a_stage_that_trains_nothing_is_refused_before_anything_starts(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_stage_that_would_end_before_it_starts_is_refused_before_its_data(chain, tmp_path, capsys):
+    """r2 asked to end at epoch 5 after an r1 that ended at 8: refused with the usage status before the labeled
+    splits are read (here they do not exist; the refusal used to come after them, with status 1)."""
+    shutil.copytree(chain["run"] / "r1", tmp_path / "fpn" / "r1")
+    with pytest.raises(SystemExit) as stop:
+        demo_train.main(stage_args("r2", tmp_path / "nowhere", tmp_path / "fpn", "--epochs", "5"))
+    assert stop.value.code == 2
+    assert "stage r2 would end at epoch 5 but starts at 8: give a larger --epochs" in capsys.readouterr().err
+    assert not (tmp_path / "fpn" / "r2" / checkpoint.LAST).exists()
+
+
 def test_val_freq_validates_every_nth_epoch_and_the_stages_last(tmp_path, monkeypatch, capsys):
     from moco.course.tinyset import generate
 

@@ -188,6 +188,16 @@ def test_a_request_that_trains_nothing_is_refused_before_anything_starts(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_larger_than_the_data_is_refused_with_the_usage_status(tiny_data, tmp_path, capsys):
+    """It exited 1, as an error to fix in the data would; it is a request that cannot train, refused as --epochs 0
+    is, before any model is built."""
+    with pytest.raises(SystemExit) as stop:
+        main(_args(tiny_data, tmp_path, "--epochs", "1", "-b", "512", "--moco-k", "512"))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("256 images cannot fill one batch of 512")
+    assert not (tmp_path / checkpoint.LAST).exists()
+
+
 def test_queue_not_multiple_of_batch_is_a_clear_error(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--moco-k 100 must be a multiple of --batch-size 32"):
         main(_args(tiny_data, tmp_path, "--epochs", "1", "--moco-k", "100"))

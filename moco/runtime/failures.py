@@ -3,6 +3,8 @@
 Exit statuses of moco.train and demo.train (sysexits.h numbers):
 - 0: done, or nothing left to do.
 - 1: an error to fix before running again, said in one line ("error: ..."); or a bug, with its traceback.
+- 2, ``EXIT_USAGE``: a request that would train nothing (``UsageError``: a stage that would end before it starts,
+  a batch larger than the data), said in one line before any data is read, as argparse refuses a bad flag.
 - 65 (EX_DATAERR), ``moco.runtime.unreadable.EXIT_DATAERR``: more training images could not be read than
   --max-unreadable allows; stopped with a mid-epoch checkpoint, the files listed. Not requeued: the same files
   would stop it again.
@@ -17,6 +19,7 @@ Exit statuses of moco.train and demo.train (sysexits.h numbers):
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,8 +34,13 @@ from .workers import original_message
 
 log = get_logger(__name__)
 
+EXIT_USAGE = 2
 EXIT_DIVERGED = 70
 EXIT_IOERR = 74
+
+
+class UsageError(ValueError):
+    """A request that parses but would train nothing (see the module doc)."""
 
 
 class NonFiniteLoss(Exception):
@@ -121,6 +129,9 @@ def _kept(last: Path) -> str:
 
 def _ending(exc: BaseException, last: Path) -> SystemExit | None:
     """The exit for ``exc``, its message logged; None for an error that keeps its traceback."""
+    if isinstance(exc, UsageError):
+        sys.stderr.write(f"error: {exc}\n")
+        return SystemExit(EXIT_USAGE)
     if isinstance(exc, (FileNotFoundError, ValueError, UnreadableImage)):  # the user's to fix: no traceback
         return SystemExit(f"error: {original_message(exc)}")
     if isinstance(exc, unreadable.TooManyUnreadable):
