@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from moco.runtime.failures import UsageError
+
 
 def aspect_group(ratio: float) -> int:
     return 0 if ratio >= 1.0 else 1
@@ -20,7 +22,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, aspect_ratios: list[float], batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0):
         if len(aspect_ratios) < batch_size * world_size:
-            raise ValueError(f"{len(aspect_ratios)} images cannot fill one batch of {batch_size} on "
+            raise UsageError(f"{len(aspect_ratios)} images cannot fill one batch of {batch_size} on "
                              f"{world_size} process(es)")
         self.groups = [aspect_group(r) for r in aspect_ratios]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed

@@ -283,6 +283,22 @@ def detector(args: argparse.Namespace, ckpt: dict | None, source: Path | None, p
     return model, config
 
 
+def restore(ckpt: dict | None, how: str, optimizer: torch.optim.Optimizer, scaler, lr: float, warmup: int,
+            lr_asked: float | None) -> tuple[torch.optim.lr_scheduler.LambdaLR, int, float, dict | None]:
+    """What the stage carries over from its starting checkpoint: the optimizer's momentum and the scaler (between
+    stages too) and, resuming its own stage, the schedule's place, the step reached in the epoch, the best AP and
+    the last validation. Returns (scheduler, start_step, best_ap, last_val)."""
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    resumed = how == "resume"
+    scheduler = stage_schedule(optimizer, lr, warmup, ckpt["lr_scheduler"] if resumed else None, lr_asked)
+    if not resumed:
+        return scheduler, 0, -1.0, None
+    return scheduler, int(ckpt.get("step", 0)), float(ckpt["best_ap"]), ckpt["val"]
+
+
 def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: MetricsWriter) -> dict:
     stage = STAGES[args.stage]
     if args.batch_size % env.world_size:
@@ -321,15 +337,8 @@ def _train(args: argparse.Namespace, env, stage_dir: Path, metrics_writer: Metri
     lr = args.lr if args.lr is not None else scaled_lr(protocol, stage, args.batch_size)
     warmup = min(stage.warmup_iters, len(loader))
 
-    start_step, best_ap, last_val = 0, -1.0, None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])  # momentum buffers carry over between stages too
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    scheduler = stage_schedule(optimizer, lr, warmup, ckpt["lr_scheduler"] if how == "resume" else None, args.lr)
+    scheduler, start_step, best_ap, last_val = restore(ckpt, how, optimizer, scaler, lr, warmup, args.lr)
     lr = scheduler.base_lrs[0]
-    if how == "resume":
-        best_ap, last_val, start_step = float(ckpt["best_ap"]), ckpt["val"], int(ckpt.get("step", 0))
     log.info("stage %s (%s%s): epochs %d..%d (from step %d), protocol %s, lr %.4g, batch %d on %d process(es) [%s], "
              "%s, precision %s (validation %s)", stage.name, how, f" from {source}" if source else "", start_epoch,
              end_epoch - 1, start_step, protocol.name, lr, args.batch_size, env.world_size, env.launcher, device,

@@ -314,6 +314,16 @@ def test_a_stage_that_would_end_before_it_starts_is_refused_before_its_data(chai
     assert not (tmp_path / "fpn" / "r2" / checkpoint.LAST).exists()
 
 
+def test_a_batch_larger_than_the_training_split_exits_with_the_usage_status(tmp_path, capsys):
+    from moco.course.tinyset import generate
+
+    root = generate(tmp_path / "tiny", unlabeled=0, train=8, val=4) / "labeled"
+    with pytest.raises(SystemExit) as stop:
+        demo_train.main(stage_args("r1", root, tmp_path / "fpn", "-a", "resnet18", "-b", "16"))
+    assert stop.value.code == 2
+    assert "8 images cannot fill one batch of 16 on 1 process(es)" in capsys.readouterr().err
+
+
 def test_val_freq_validates_every_nth_epoch_and_the_stages_last(tmp_path, monkeypatch, capsys):
     from moco.course.tinyset import generate
 

@@ -11,6 +11,7 @@ from demo.datasets import course_split, load_split
 from demo.recipe import PROTOCOLS, STAGES, multiscale_sizes, scaled_lr, warmup_factor
 from demo.sampler import GroupedBatchSampler
 from demo.transforms import train_transforms
+from moco.runtime.failures import UsageError
 
 CLASS_FILE = Path(__file__).resolve().parents[1] / "moco" / "course" / "course_classes.txt"
 COURSE_NAMES = [line.strip() for line in CLASS_FILE.read_text().splitlines() if line.strip()]
@@ -106,7 +107,7 @@ def test_sampler_pads_shards_and_refuses_too_few_images():
     seen = [i for s in shards for b in s for i in b]
     assert len(seen) == 8 and set(seen) == set(range(7))  # one image twice, none left out
     GroupedBatchSampler([1.0] * 4, 2, 1, 2)  # exactly one batch per rank
-    with pytest.raises(ValueError, match="3 images cannot fill one batch of 2 on 2 process"):
+    with pytest.raises(UsageError, match="3 images cannot fill one batch of 2 on 2 process"):  # exit status 2
         GroupedBatchSampler([1.0] * 3, 2, 0, 2)
 
 
